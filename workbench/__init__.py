@@ -1,0 +1,29 @@
+"""workbench: a Jupyter-first interpretability workbench for sparsity research.
+
+Start with ``workbench.load_model()`` (the offline default model) and
+``workbench.load_tokens()`` (its tokenized training corpus); see README.md.
+"""
+
+from . import figures
+from .data import load_tokens, unigram_entropy
+from .models import ModelUnavailableOffline, best_device, list_models, load_model, model_card, zoo_checkpoints
+from .prompts import PromptReport, plot_token_losses, prompt_report
+from .zoo.specs import DEFAULT_MODEL
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelUnavailableOffline",
+    "PromptReport",
+    "best_device",
+    "figures",
+    "list_models",
+    "load_model",
+    "load_tokens",
+    "model_card",
+    "plot_token_losses",
+    "prompt_report",
+    "unigram_entropy",
+    "zoo_checkpoints",
+]

@@ -1,0 +1,144 @@
+"""Token tensors for training and evaluation, cached as memory-mapped arrays.
+
+A split of a corpus is tokenized once into one stream (documents joined by
+``<|endoftext|>``) stored as ``data/cache/tokens/<key>.npy`` (uint16, memory-mapped on
+read) beside a JSON sidecar with the corpus fingerprint. ``load_tokens`` cuts that stream
+into rows of ``seq_len`` that each start with BOS, as TransformerLens' ``to_tokens`` does,
+so cached rows and notebook prompts look alike to the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .corpus import DEFAULT_CORPUS, Split, corpus_fingerprint, iter_documents
+from .paths import atomic_write_bytes, atomic_write_text, cache_dir
+from .tokenizer import EOS_TOKEN, load_fast_tokenizer, tokenizer_dir
+
+DEFAULT_SEQ_LEN = 128
+ENCODE_CHUNK = 256  # documents per batch encode: bounds memory, keeps the Rust threads busy
+HF_DEFAULT_MAX_TOKENS = 10_000_000  # a streamed dataset is read only this far unless asked
+
+
+def _tokenizer_hash() -> str:
+    return hashlib.sha256((tokenizer_dir() / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def _stream_key(corpus: str, split: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name if corpus != DEFAULT_CORPUS else corpus)
+    ident = hashlib.sha256(f"{Path(corpus).resolve() if Path(corpus).exists() else corpus}".encode()).hexdigest()
+    return f"{readable[:40]}-{ident[:8]}-{split}-tok{_tokenizer_hash()[:8]}"
+
+
+def _encode_stream(corpus: str, split: Split, max_tokens: int | None) -> tuple[np.ndarray, dict]:
+    tokenizer = load_fast_tokenizer()
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    documents, pieces, total = [], [], 0
+    batch: list = []
+
+    def flush() -> None:
+        nonlocal total
+        for encoding in tokenizer.encode_batch([doc.text for doc in batch]):
+            ids = np.asarray(encoding.ids + [eos], dtype=np.uint16)
+            pieces.append(ids)
+            total += len(ids)
+        batch.clear()
+
+    for doc in iter_documents(corpus, split):
+        documents.append(doc)
+        batch.append(doc)
+        if len(batch) == ENCODE_CHUNK:
+            flush()
+            if max_tokens is not None and total >= max_tokens:
+                break
+    flush()
+    if not pieces:
+        raise ValueError(f"corpus {corpus!r} has no documents in its {split!r} split")
+    stream = np.concatenate(pieces)
+    meta = {
+        "corpus": corpus,
+        "split": split,
+        "corpus_sha256": corpus_fingerprint(documents),
+        "n_documents": len(documents),
+        "n_tokens": int(stream.size),
+        "tokenizer_sha256": _tokenizer_hash(),
+    }
+    return stream, meta
+
+
+def token_stream(corpus: str = DEFAULT_CORPUS, split: Split = "train") -> tuple[np.ndarray, dict]:
+    """The whole tokenized split as a read-only memory-mapped uint16 array, and its metadata.
+
+    Built on first use (tens of seconds for the stdlib), then opened from the cache.
+    """
+    folder = cache_dir() / "tokens"
+    key = _stream_key(corpus, split)
+    array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+    if not (array_path.exists() and meta_path.exists()):
+        is_local = corpus == DEFAULT_CORPUS or Path(corpus).exists()
+        stream, meta = _encode_stream(corpus, split, None if is_local else HF_DEFAULT_MAX_TOKENS)
+        buffer = io.BytesIO()
+        np.save(buffer, stream)
+        atomic_write_bytes(array_path, buffer.getvalue())
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))  # written last: marks completion
+    meta = json.loads(meta_path.read_text())
+    stream = np.load(array_path, mmap_mode="r")
+    if stream.size != meta["n_tokens"]:
+        raise RuntimeError(
+            f"token cache {array_path} holds {stream.size} tokens but its sidecar says "
+            f"{meta['n_tokens']}: it is corrupted. Delete both files to rebuild it."
+        )
+    return stream, meta
+
+
+def load_tokens(
+    corpus: str = DEFAULT_CORPUS,
+    split: Split = "train",
+    n_tokens: int | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> torch.Tensor:
+    """Token ids ``[n_seq, seq_len]`` (int64) in the zoo models' tokenization.
+
+    Each row is BOS followed by ``seq_len - 1`` consecutive tokens of the split's stream
+    (rows do not overlap). ``n_tokens`` counts tokens including BOS and is rounded down to
+    whole rows; ``None`` takes the whole split.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+    stream, _ = token_stream(corpus, split)
+    available = stream.size // (seq_len - 1)
+    n_seq = available if n_tokens is None else n_tokens // seq_len
+    if n_seq < 1:
+        raise ValueError(f"n_tokens={n_tokens} is less than one row of seq_len={seq_len}")
+    if n_seq > available:
+        raise ValueError(
+            f"the {split!r} split of {corpus!r} has {stream.size:,} tokens, enough for "
+            f"{available:,} rows of seq_len={seq_len}; asked for {n_seq:,} rows "
+            f"(n_tokens={n_tokens:,}). Ask for fewer tokens or use the 'train' split."
+        )
+    body = torch.from_numpy(np.asarray(stream[: n_seq * (seq_len - 1)], dtype=np.int64))
+    bos = load_fast_tokenizer().token_to_id(EOS_TOKEN)
+    rows = torch.full((n_seq, seq_len), bos, dtype=torch.long)
+    rows[:, 1:] = body.view(n_seq, seq_len - 1)
+    return rows
+
+
+def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
+    """Entropy (nats/token) of the empirical unigram distribution of ``tokens``.
+
+    The loss of the best model that ignores context: a trained model must beat it.
+    """
+    counts = torch.bincount(tokens.flatten(), minlength=vocab_size).double()
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * probs.log()).sum())
+
+
+def corpus_sha256(corpus: str = DEFAULT_CORPUS, split: Split = "train") -> str:
+    return token_stream(corpus, split)[1]["corpus_sha256"]

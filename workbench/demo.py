@@ -1,0 +1,71 @@
+"""The main job (``make demo``): an end-to-end tour of the workbench on the offline default model.
+
+Each step prints what it did and what it measured; figures go to ``figures/``.
+``WORKBENCH_QUICK=1`` shrinks the token counts (used by the test suite).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+DEMO_PROMPT = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+'''
+
+
+def quick_mode() -> bool:
+    """True when ``WORKBENCH_QUICK`` asks for the small sizes that tests and CI use."""
+    return os.environ.get("WORKBENCH_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _say(step: str, message: str) -> None:
+    print(f"[{step}] {message}", flush=True)
+
+
+def run_demo(out_dir: str | Path = "figures") -> dict:
+    """Run every stage of the tour; returns the measured numbers (also printed)."""
+    import workbench as wb
+    from workbench.evals import model_loss
+
+    started = time.perf_counter()
+    results: dict = {}
+
+    _say("zoo", f"offline models: {', '.join(wb.list_models())} (default {wb.DEFAULT_MODEL})")
+    for name in wb.list_models():
+        card = wb.model_card(name)
+        _say(
+            "zoo",
+            f"{name}: val loss {card.val_loss_nats:.3f} nats/token, unigram entropy "
+            f"{card.val_unigram_entropy_nats:.3f} ({card.loss_below_unigram:.2f} below), "
+            f"{card.tokens_seen:,} tokens seen",
+        )
+
+    model = wb.load_model(wb.DEFAULT_MODEL)
+    _say("model", f"loaded {wb.DEFAULT_MODEL} on {model.cfg.device}: {model.cfg.n_layers} layers, d_model={model.cfg.d_model}")
+
+    n_tokens = 16_384 if quick_mode() else 131_072
+    val = wb.load_tokens("stdlib", "val", n_tokens=n_tokens)
+    loss = model_loss(model, val)
+    entropy = wb.unigram_entropy(val[:, 1:], model.cfg.d_vocab)
+    results.update(val_loss=loss, unigram_entropy=entropy)
+    _say("eval", f"validation loss on {val.numel():,} held-out tokens: {loss:.3f} nats/token "
+         f"(unigram entropy {entropy:.3f}: the model uses context worth {entropy - loss:.2f} nats/token)")
+
+    report = wb.prompt_report(model, DEMO_PROMPT)
+    results["prompt_mean_loss"] = report.mean_loss
+    guesses = ", ".join(f"{tok!r} ({p:.2f})" for tok, p in report.top_predictions[-1][:3])
+    _say("prompt", f"{len(report.tokens)} tokens, mean loss {report.mean_loss:.3f} nats; next-token guesses: {guesses}")
+
+    fig = wb.plot_token_losses(report)
+    paths = wb.figures.save_figure(fig, "demo_loss_per_token", out_dir=out_dir)
+    results["figures"] = [str(p) for p in paths]
+    _say("figure", f"wrote {', '.join(map(str, paths))}")
+
+    results["seconds"] = time.perf_counter() - started
+    _say("done", f"demo finished in {results['seconds']:.1f} s")
+    return results
