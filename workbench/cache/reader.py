@@ -1,0 +1,229 @@
+"""Read an activation cache: shuffled batches with bounded memory, and random access by row."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .format import BLOCK_ROWS, DTYPES, MANIFEST_FILE, TOKENS_FILE, CacheError, from_storage, read_json
+
+DEFAULT_BUFFER_ROWS = 1 << 17  # rows mixed at once when shuffling: memory = buffer_rows · d · 4 bytes
+
+
+@dataclass(frozen=True)
+class _Block:
+    shard: int  # position in the manifest's shard list
+    start: int  # first row within the shard
+    stop: int
+
+
+class ActivationCache:
+    """A cache written by ``cache_activations``, opened read-only and memory-mapped.
+
+    Opening checks that every listed file exists with its recorded size (a truncated
+    shard is named at once); each block of rows is checked against its CRC-32 the first
+    time it is read, so corruption is reported by file name instead of read as data.
+    """
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._shards = manifest["shards"]
+        self._row_offsets = np.cumsum([0] + [s["rows"] for s in self._shards])
+        self._files = {(s_i, f["name"]): f for s_i, s in enumerate(self._shards) for f in s["files"]}
+        self._maps: dict[str, np.ndarray] = {}
+        self._verified: set[tuple[str, int]] = set()
+        self._tokens: torch.Tensor | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, allow_incomplete: bool = False) -> "ActivationCache":
+        path = Path(path)
+        if not (path / MANIFEST_FILE).exists():
+            raise CacheError(f"{path} has no {MANIFEST_FILE}: it is not an activation cache, or caching "
+                             "never finished a shard. Run cache_activations on it.")
+        manifest = read_json(path / MANIFEST_FILE)
+        if not manifest["complete"] and not allow_incomplete:
+            raise CacheError(
+                f"{path} is incomplete ({manifest['n_shards_complete']} of {manifest['n_shards']} shards): "
+                "run the same cache_activations call again to finish it, or open with allow_incomplete=True."
+            )
+        for shard in manifest["shards"]:
+            for record in shard["files"]:
+                file = path / record["name"]
+                if not file.exists():
+                    raise CacheError(f"{file} is listed in the manifest but missing: the cache is damaged. Rebuild it.")
+                if file.stat().st_size != record["nbytes"]:
+                    raise CacheError(f"{file} has {file.stat().st_size} bytes, the manifest says {record['nbytes']}: "
+                                     "the shard is truncated or corrupted. Delete it with its shard_*.json record "
+                                     "and re-run cache_activations to rewrite it.")
+        return cls(path, manifest)
+
+    # --- description -------------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows available (all cached tokens when the cache is complete)."""
+        return int(self._row_offsets[-1])
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["seq_len"]
+
+    @property
+    def has_grads(self) -> bool:
+        return self.manifest["with_grads"]
+
+    def d(self, hook: str) -> int:
+        self._check_hook(hook)
+        return self.manifest["hooks"][hook]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Token ids [n_seq, seq_len] of the cached sequences (row r ↔ tokens.view(-1)[r])."""
+        if self._tokens is None:
+            self._tokens = torch.from_numpy(np.load(self.path / TOKENS_FILE).astype(np.int64))
+        return self._tokens
+
+    def position(self, row: int) -> tuple[int, int]:
+        """(sequence, position) of a row."""
+        return divmod(int(row), self.seq_len)
+
+    def __repr__(self) -> str:
+        return (f"ActivationCache({str(self.path)!r}, model={self.manifest['model']['name']!r}, "
+                f"n_tokens={self.n_tokens:,}, hooks={self.manifest['hooks']}, dtype={self.manifest['dtype']}, "
+                f"grads={self.has_grads})")
+
+    # --- reading -----------------------------------------------------------------------
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self.manifest["hooks"]:
+            raise KeyError(f"hook {hook!r} is not in this cache; it has {self.hooks}")
+
+    def _map(self, shard: int, hook: str, grad: bool) -> tuple[np.ndarray, str]:
+        name = f"shard_{self._shards[shard]['index']:05d}__{hook}{'.grad' if grad else ''}.npy"
+        if name not in self._maps:
+            self._maps[name] = np.load(self.path / name, mmap_mode="r")
+        return self._maps[name], name
+
+    def _read(self, shard: int, start: int, stop: int, hook: str, grad: bool) -> np.ndarray:
+        """Rows [start, stop) of one shard file, verifying the CRC of each block touched."""
+        array, name = self._map(shard, hook, grad)
+        crcs = self._files[(shard, name)]["block_crc32"]
+        for block in range(start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS + 1):
+            if (name, block) in self._verified:
+                continue
+            lo, hi = block * BLOCK_ROWS, min((block + 1) * BLOCK_ROWS, array.shape[0])
+            if zlib.crc32(np.ascontiguousarray(array[lo:hi]).data) != crcs[block]:
+                raise CacheError(f"{self.path / name}: rows {lo}–{hi} fail their checksum; the file is corrupted. "
+                                 "Delete it with its shard_*.json record and re-run cache_activations to rewrite it.")
+            self._verified.add((name, block))
+        return array[start:stop]
+
+    def _tensor(self, arrays: list[np.ndarray], grad: bool, dtype: torch.dtype, device) -> torch.Tensor:
+        stored = self.manifest["grad_dtype" if grad else "dtype"]
+        tensor = from_storage(np.concatenate(arrays) if len(arrays) > 1 else arrays[0], stored).to(dtype)
+        return tensor.to(device) if device is not None else tensor
+
+    def activations(self, hook: str, rows, with_grads: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        """Rows by global index (any order, repeats allowed): a tensor [len(rows), d], or
+        ``(x, g)`` with ``with_grads``."""
+        self._check_hook(hook)
+        self._check_grads(with_grads)
+        rows = np.asarray(torch.as_tensor(rows).reshape(-1).cpu(), dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_tokens):
+            raise IndexError(f"rows must lie in [0, {self.n_tokens}), got {rows.min()}..{rows.max()}")
+        shard_of = np.searchsorted(self._row_offsets, rows, side="right") - 1
+        local = rows - self._row_offsets[shard_of]
+        # Read whole checksum blocks, each once, however the rows are scattered.
+        block_keys = shard_of * (self._row_offsets[-1] // BLOCK_ROWS + 1) + local // BLOCK_ROWS
+        out = {grad: np.empty((rows.size, self.d(hook)), dtype=self._storage_dtype(grad)) for grad in self._kinds(with_grads)}
+        for key in np.unique(block_keys):
+            where = np.nonzero(block_keys == key)[0]
+            shard, start = int(shard_of[where[0]]), int(local[where[0]]) // BLOCK_ROWS * BLOCK_ROWS
+            stop = min(start + BLOCK_ROWS, self._shards[shard]["rows"])
+            for grad in out:
+                out[grad][where] = self._read(shard, start, stop, hook, grad)[local[where] - start]
+        tensors = [self._tensor([out[grad]], grad, dtype, device) for grad in out]
+        return tuple(tensors) if with_grads else tensors[0]
+
+    def _storage_dtype(self, grad: bool) -> np.dtype:
+        return DTYPES[self.manifest["grad_dtype" if grad else "dtype"]][1]
+
+    def _kinds(self, with_grads: bool) -> list[bool]:
+        return [False, True] if with_grads else [False]
+
+    def _check_grads(self, with_grads: bool) -> None:
+        if with_grads and not self.has_grads:
+            raise ValueError(f"{self.path} was cached without gradients; re-cache with with_grads=True")
+
+    def _blocks(self) -> list[_Block]:
+        return [
+            _Block(shard, start, min(start + BLOCK_ROWS, s["rows"]))
+            for shard, s in enumerate(self._shards)
+            for start in range(0, s["rows"], BLOCK_ROWS)
+        ]
+
+    def batches(
+        self,
+        hook: str,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        with_grads: bool = False,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        drop_last: bool = False,
+    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of batches [batch_size, d] (``(x, g)`` pairs with ``with_grads``).
+
+        Shuffling is two-level, as in a shuffle buffer: blocks of ``BLOCK_ROWS`` contiguous
+        rows are visited in a random order over the whole cache (every shard), and the rows
+        of ``buffer_rows // BLOCK_ROWS`` blocks at a time are permuted together. Each row is
+        yielded exactly once per epoch; memory is bounded by the buffer, not the cache size.
+        """
+        self._check_hook(hook)
+        self._check_grads(with_grads)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        generator = torch.Generator().manual_seed(seed)
+        blocks = self._blocks()
+        if shuffle:
+            blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        per_buffer = max(1, buffer_rows // BLOCK_ROWS) if shuffle else 1
+        kinds = self._kinds(with_grads)
+        leftover: list[torch.Tensor] | None = None
+        for first in range(0, len(blocks), per_buffer):
+            chunk = blocks[first:first + per_buffer]
+            tensors = [self._tensor([self._read(b.shard, b.start, b.stop, hook, g) for b in chunk], g, dtype, None) for g in kinds]
+            if shuffle:
+                order = torch.randperm(tensors[0].shape[0], generator=generator)
+                tensors = [t[order] for t in tensors]
+            if leftover is not None:
+                tensors = [torch.cat([l, t]) for l, t in zip(leftover, tensors)]
+            full = tensors[0].shape[0] // batch_size * batch_size
+            for start in range(0, full, batch_size):
+                yield self._emit([t[start:start + batch_size] for t in tensors], device)
+            leftover = [t[full:] for t in tensors]
+        if leftover is not None and leftover[0].shape[0] and not drop_last:
+            yield self._emit(leftover, device)
+
+    @staticmethod
+    def _emit(tensors: list[torch.Tensor], device):
+        if device is not None:
+            tensors = [t.to(device, non_blocking=True) for t in tensors]
+        return tuple(tensors) if len(tensors) == 2 else tensors[0]
+
+    def verify(self) -> None:
+        """Check every block of every file against its checksum (a full read of the cache)."""
+        for shard, s in enumerate(self._shards):
+            for hook in self.hooks:
+                for grad in self._kinds(self.has_grads):
+                    self._read(shard, 0, s["rows"], hook, grad)

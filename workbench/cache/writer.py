@@ -1,0 +1,270 @@
+"""Write an activation cache: one pass of a TransformerLens model over a token tensor.
+
+Activations of every requested hook (and, with ``with_grads``, the gradient of the
+next-token loss with respect to each, as gradient SAEs need: Olmo et al. 2024) are
+written shard by shard; see ``format.py`` for the layout and the guarantees.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..paths import atomic_write_bytes
+from .format import (
+    BLOCK_ROWS,
+    CONFIG_FILE,
+    DTYPES,
+    FORMAT_VERSION,
+    TOKENS_FILE,
+    CacheError,
+    FileRecord,
+    check_dtype,
+    data_file,
+    model_fingerprint,
+    read_json,
+    sha256_of_tensor,
+    shard_records,
+    shard_stem,
+    write_json,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_TOKENS = 65_536
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when it is initialised, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _check_hooks(model, hooks: list[str]) -> None:
+    import difflib
+
+    if not hooks:
+        raise ValueError("give at least one hook name, e.g. 'blocks.0.hook_resid_post'")
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"hook names repeat: {hooks}")
+    for name in hooks:
+        if name not in model.hook_dict:
+            close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+            raise ValueError(f"{name!r} is not a hook of this model.{f' Did you mean {close}?' if close else ''} "
+                             "List them with sorted(model.hook_dict).")
+
+
+def stop_layer(hooks: list[str]) -> int | None:
+    """The ``stop_at_layer`` that still runs every hooked block (None: run the whole model)."""
+    layers = []
+    for name in hooks:
+        match = re.match(r"blocks\.(\d+)\.", name)
+        if match:
+            layers.append(int(match.group(1)))
+        elif name in {"hook_embed", "hook_pos_embed", "hook_tokens"}:
+            layers.append(-1)
+        else:
+            return None  # ln_final / unembed hooks need the full forward
+    return max(layers) + 1
+
+
+def _probe_dims(model, hooks: list[str]) -> dict[str, int]:
+    """Width of each hook's activation, flattened past the position axis (hook_z: heads·d_head)."""
+    dims = {}
+
+    def record(act, hook):
+        dims[hook.name] = int(math.prod(act.shape[2:])) if act.ndim > 2 else 1
+
+    probe = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(h, record) for h in hooks]):
+        model(probe, stop_at_layer=stop_layer(hooks))
+    return {h: dims[h] for h in hooks}
+
+
+def _flat(act: torch.Tensor) -> torch.Tensor:
+    return act.reshape(act.shape[0] * act.shape[1], -1)
+
+
+def _make_leaf(act, hook):
+    """Make the embeddings a leaf that requires grad, so gradients reach every later
+    activation even when the model's parameters are frozen."""
+    return act.detach().requires_grad_(True)
+
+
+def _run_batch(model, batch: torch.Tensor, hooks: list[str], with_grads: bool):
+    """Activations (and loss gradients) of one batch, each flattened to [batch·pos, d]."""
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook):
+        acts[hook.name] = act
+
+    if not with_grads:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
+            model(batch, stop_at_layer=stop_layer(hooks))
+        return {h: _flat(acts[h]) for h in hooks}, None
+    leaves = [(h, _make_leaf) for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict]
+    with torch.enable_grad(), model.hooks(fwd_hooks=leaves + [(h, keep) for h in hooks]):
+        # The next-token loss summed over positions (and sequences, which do not interact),
+        # so each row's gradient is d(its sequence's summed loss)/d(activation).
+        loss = model(batch, return_type="loss", loss_per_token=True).sum()
+        grads = torch.autograd.grad(loss, [acts[h] for h in hooks])
+    return {h: _flat(acts[h].detach()) for h in hooks}, {h: _flat(g) for h, g in zip(hooks, grads)}
+
+
+def _to_storage_checked(values: torch.Tensor, dtype: str, what: str, first_seq: int, seq_len: int, shard: int) -> np.ndarray:
+    """``values`` as the array written for ``dtype``; NaN/inf (after the cast, so float16
+    overflow is caught too) is an error that names where it happened."""
+    converted = values.detach().to(device="cpu", dtype=DTYPES[dtype][0]).contiguous()
+    bad = ~torch.isfinite(converted)
+    if bad.any():
+        seqs = sorted(set((bad.any(-1).nonzero()[:, 0] // seq_len + first_seq).tolist()))
+        raise CacheError(
+            f"{what} have {int(bad.sum())} NaN/inf entries in sequences {seqs[:10]} (shard {shard}); "
+            "nothing of this shard was kept. In float16, values above 65504 overflow: use "
+            "dtype='float32' or 'bfloat16'. Otherwise the model itself produces NaN on these tokens."
+        )
+    return converted.view(torch.uint16).numpy() if dtype == "bfloat16" else converted.numpy()
+
+
+def _write_shard(model, tokens, index, config, folder: Path, bar) -> None:
+    seqs = config["seqs_per_shard"]
+    first, last = index * seqs, min((index + 1) * seqs, config["n_seq"])
+    seq_len, batch_size = config["seq_len"], config["batch_size"]
+    rows = (last - first) * seq_len
+    targets = [(h, False) for h in config["hooks"]] + ([(h, True) for h in config["hooks"]] if config["with_grads"] else [])
+    arrays, temps = {}, {}
+    for hook, grad in targets:
+        dtype = config["grad_dtype"] if grad else config["dtype"]
+        final = data_file(index, hook, grad)
+        temps[(hook, grad)] = folder / f".{final}.tmp{os.getpid()}"
+        arrays[(hook, grad)] = np.lib.format.open_memmap(
+            temps[(hook, grad)], mode="w+", dtype=DTYPES[dtype][1], shape=(rows, config["hooks"][hook])
+        )
+    for start in range(first, last, batch_size):
+        batch = tokens[start:min(start + batch_size, last)].to(model.cfg.device)
+        acts, grads = _run_batch(model, batch, list(config["hooks"]), config["with_grads"])
+        lo, hi = (start - first) * seq_len, (start - first + batch.shape[0]) * seq_len
+        for hook, grad in targets:
+            values = (grads if grad else acts)[hook]
+            dtype = config["grad_dtype"] if grad else config["dtype"]
+            stored = _to_storage_checked(values, dtype, f"{'gradients' if grad else 'activations'} of {hook!r}", start, seq_len, index)
+            arrays[(hook, grad)][lo:hi] = stored
+        bar.update(1)
+    files = []
+    for key, array in arrays.items():
+        array.flush()
+        del array
+        final = data_file(index, *key)
+        os.replace(temps[key], folder / final)
+        files.append(FileRecord.of(folder, final).__dict__)
+    arrays.clear()
+    write_json(folder / f"{shard_stem(index)}.json",
+               {"index": index, "first_seq": first, "n_seq": last - first, "rows": rows, "files": files})
+
+
+def cache_activations(
+    model,
+    tokens: torch.Tensor,
+    hooks: list[str] | str,
+    out_dir: str | Path,
+    dtype: str = "float16",
+    with_grads: bool = False,
+    batch_size: int = 32,
+    grad_dtype: str | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = True,
+) -> Path:
+    """Cache the activations of ``hooks`` (and optionally their loss gradients) to ``out_dir``.
+
+    One forward pass per batch serves every hook (plus one backward with ``with_grads``);
+    without gradients the forward stops after the last hooked block. Re-running with the
+    same arguments resumes an interrupted cache, or does nothing on a complete one; a
+    different model, tokens or settings is refused rather than mixed in. Under
+    ``torchrun`` each rank writes its share of shards and rank 0 writes the manifest.
+    Returns the cache folder; open it with ``ActivationCache.open``.
+    """
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    _check_hooks(model, hooks)
+    check_dtype(dtype)
+    grad_dtype = check_dtype(grad_dtype or dtype)
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor [n_seq, seq_len], got {tuple(tokens.shape)} {tokens.dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n_seq, seq_len = tokens.shape
+    seqs_per_shard = max(1, shard_tokens // seq_len // batch_size) * batch_size
+    config = {
+        "version": FORMAT_VERSION,
+        "model": model_fingerprint(model),
+        "hooks": _probe_dims(model, hooks),
+        "dtype": dtype,
+        "grad_dtype": grad_dtype,
+        "with_grads": with_grads,
+        "n_seq": n_seq,
+        "seq_len": seq_len,
+        "n_tokens": n_seq * seq_len,
+        "tokens_sha256": sha256_of_tensor(tokens.long()),
+        "batch_size": batch_size,
+        "seqs_per_shard": seqs_per_shard,
+        "n_shards": math.ceil(n_seq / seqs_per_shard),
+        "block_rows": BLOCK_ROWS,
+    }
+    folder = Path(out_dir)
+    rank, world = _distributed()
+    if rank == 0:
+        _prepare_folder(folder, config, tokens)
+    _barrier()
+    done = shard_records(folder)
+    todo = [i for i in range(config["n_shards"]) if i % world == rank and i not in done]
+    if done:
+        log.info("resuming %s: %d of %d shards already complete", folder, len(done), config["n_shards"])
+    batches_per_shard = math.ceil(seqs_per_shard / batch_size)
+    with tqdm(total=len(todo) * batches_per_shard, desc="cache", unit="batch", disable=not progress or rank != 0) as bar:
+        for index in todo:
+            _write_shard(model, tokens, index, config, folder, bar)
+            if world == 1:
+                write_manifest(folder, config)
+    _barrier()
+    if rank == 0:
+        manifest = write_manifest(folder, config)
+        if not manifest["complete"]:
+            raise CacheError(f"{folder}: only {manifest['n_shards_complete']} of {config['n_shards']} shards were written")
+    return folder
+
+
+def _prepare_folder(folder: Path, config: dict, tokens: torch.Tensor) -> None:
+    """Create the cache folder, or check that an existing one was made with the same arguments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".shard_*.tmp*"):  # left by a killed run
+        stale.unlink()
+    config_path = folder / CONFIG_FILE
+    if config_path.exists():
+        existing = read_json(config_path)
+        differs = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+        if differs:
+            raise CacheError(
+                f"{folder} already holds a cache made with different {', '.join(differs)} "
+                f"(e.g. {differs[0]}: cached {existing.get(differs[0])!r}, now {config.get(differs[0])!r}). "
+                "Refusing to mix data: choose another out_dir, or delete this one to rebuild it."
+            )
+        return
+    if any(folder.iterdir()):
+        raise CacheError(f"{folder} is not empty and holds no activation cache: choose an empty or new folder")
+    buffer = io.BytesIO()
+    np.save(buffer, tokens.to(torch.int32).cpu().numpy())
+    atomic_write_bytes(folder / TOKENS_FILE, buffer.getvalue())
+    write_json(config_path, config)  # last: its presence means the folder is initialised
