@@ -27,6 +27,35 @@ def _say(step: str, message: str) -> None:
     print(f"[{step}] {message}", flush=True)
 
 
+def _cache_stage(model, model_name: str) -> dict:
+    """Cache two hooks (with loss gradients) of the default model, then stream them back."""
+    import torch
+
+    import workbench as wb
+    from workbench.cache import ActivationCache, cache_activations
+    from workbench.paths import cache_dir
+
+    n_tokens = 8_192 if quick_mode() else 131_072
+    hooks = ["blocks.1.mlp.hook_post", "blocks.2.hook_resid_post"]
+    tokens = wb.load_tokens("stdlib", "train", n_tokens=n_tokens)
+    folder = cache_dir() / "demo" / f"{model_name}-{tokens.numel()}"
+    existed = (folder / "manifest.json").exists()
+    started = time.perf_counter()
+    cache_activations(model, tokens, hooks, folder, with_grads=True, progress=not quick_mode())
+    cache = ActivationCache.open(folder)
+    verb = "was already complete (re-running is a no-op)" if existed else f"written in {time.perf_counter() - started:.1f} s"
+    _say("cache", f"{cache.n_tokens:,} tokens × {len(hooks)} hooks (+ loss gradients) at {folder}: {verb}")
+    started = time.perf_counter()
+    rows = sum(x.shape[0] for x, _ in cache.batches(hooks[1], 4096, with_grads=True))
+    rate = rows / (time.perf_counter() - started)
+    _say("cache", f"streamed one shuffled epoch of (x, grad) pairs: {rows:,} rows at {rate:,.0f} rows/s")
+    x = cache.activations(hooks[0], [1234])
+    ids, at = cache.context(1234, before=12, after=0)
+    text = model.to_string(torch.tensor(ids))
+    _say("cache", f"row 1234 ({hooks[0]}: {int((x > 0).sum())} of {x.shape[1]} neurons positive) is the last token of {text!r}")
+    return {"cache_rows": cache.n_tokens, "cache_read_rows_per_s": rate}
+
+
 def run_demo(out_dir: str | Path = "figures") -> dict:
     """Run every stage of the tour; returns the measured numbers (also printed)."""
     import workbench as wb
@@ -65,6 +94,8 @@ def run_demo(out_dir: str | Path = "figures") -> dict:
     paths = wb.figures.save_figure(fig, "demo_loss_per_token", out_dir=out_dir)
     results["figures"] = [str(p) for p in paths]
     _say("figure", f"wrote {', '.join(map(str, paths))}")
+
+    results.update(_cache_stage(model, wb.DEFAULT_MODEL))
 
     results["seconds"] = time.perf_counter() - started
     _say("done", f"demo finished in {results['seconds']:.1f} s")

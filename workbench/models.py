@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,16 +110,25 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     return HookedTransformer.from_pretrained(name, device=str(device))
 
 
+def build_model(spec: ZooSpec, tokenizer=None, device: str | torch.device = "cpu"):
+    """A freshly initialised ``HookedTransformer`` of a zoo spec's shape (seeded by the spec)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(**spec.hooked_config(), device=str(device), model_name=spec.name)
+    with warnings.catch_warnings():
+        # TransformerLens 3.x deprecates HookedTransformer for TransformerBridge, but SAELens 6
+        # still builds on it; the move will happen here, behind load_model (DESIGN.md).
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+
+
 def _load_zoo_model(name: str, device: torch.device, checkpoint: str | Path | None):
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from .tokenizer import load_tokenizer
 
     card = read_card(_zoo_dir() / name)
-    spec = ZooSpec(**card.config)
-    cfg = HookedTransformerConfig(**spec.hooked_config(), device=str(device), model_name=name)
-    model = HookedTransformer(cfg, tokenizer=load_tokenizer(), move_to_device=False)
+    model = build_model(ZooSpec(**card.config), tokenizer=load_tokenizer(), device=device)
     weights_path = Path(checkpoint) if checkpoint is not None else _zoo_dir() / name / "model.safetensors"
     if not weights_path.exists():
         raise FileNotFoundError(f"no weights at {weights_path}; list checkpoints with workbench.zoo_checkpoints({name!r})")

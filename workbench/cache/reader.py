@@ -96,6 +96,17 @@ class ActivationCache:
         """(sequence, position) of a row."""
         return divmod(int(row), self.seq_len)
 
+    def context(self, row: int, before: int = 16, after: int = 4) -> tuple[list[int], int]:
+        """Token ids around a row, within its sequence, and the index of the row's own token.
+
+        Decode them with the model's tokenizer, e.g. ``model.to_str_tokens(torch.tensor(ids))``.
+        """
+        seq, pos = self.position(row)
+        if not 0 <= row < self.n_tokens:
+            raise IndexError(f"row must lie in [0, {self.n_tokens}), got {row}")
+        start = max(0, pos - before)
+        return self.tokens[seq, start:pos + after + 1].tolist(), pos - start
+
     def __repr__(self) -> str:
         return (f"ActivationCache({str(self.path)!r}, model={self.manifest['model']['name']!r}, "
                 f"n_tokens={self.n_tokens:,}, hooks={self.manifest['hooks']}, dtype={self.manifest['dtype']}, "

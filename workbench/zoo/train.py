@@ -20,18 +20,12 @@ from tqdm.auto import tqdm
 
 from ..data import load_tokens, unigram_entropy
 from ..evals import model_loss
+from ..models import build_model
 from ..paths import checkpoints_dir, data_dir
 from .card import ModelCard, write_card
 from .specs import ZOO, ZooSpec
 
 log = logging.getLogger(__name__)
-
-
-def build_model(spec: ZooSpec, tokenizer=None):
-    """A freshly initialised ``HookedTransformer`` of the spec's shape (seeded by the spec)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    return HookedTransformer(HookedTransformerConfig(**spec.hooked_config()), tokenizer=tokenizer)
 
 
 def parameter_state(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
