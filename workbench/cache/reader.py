@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,8 @@ class ActivationCache:
     """A cache written by ``cache_activations``, opened read-only and memory-mapped.
 
     Opening checks that every listed file exists with its recorded size (a truncated
-    shard is named at once); each block of rows is checked against its CRC-32 the first
-    time it is read, so corruption is reported by file name instead of read as data.
+    shard is named at once); every block of rows read is checked against its CRC-32, so
+    corruption is reported by file name instead of read as data.
     """
 
     def __init__(self, path: str | Path, manifest: dict):
@@ -36,8 +37,7 @@ class ActivationCache:
         self._shards = manifest["shards"]
         self._row_offsets = np.cumsum([0] + [s["rows"] for s in self._shards])
         self._files = {(s_i, f["name"]): f for s_i, s in enumerate(self._shards) for f in s["files"]}
-        self._maps: dict[str, np.ndarray] = {}
-        self._verified: set[tuple[str, int]] = set()
+        self._layouts: dict[str, tuple] = {}
         self._tokens: torch.Tensor | None = None
 
     @classmethod
@@ -117,25 +117,43 @@ class ActivationCache:
         if hook not in self.manifest["hooks"]:
             raise KeyError(f"hook {hook!r} is not in this cache; it has {self.hooks}")
 
-    def _map(self, shard: int, hook: str, grad: bool) -> tuple[np.ndarray, str]:
+    def _layout(self, shard: int, hook: str, grad: bool) -> tuple[str, int, tuple[int, int], np.dtype]:
+        """(file name, byte offset of row 0, shape, dtype) of one shard file, from its .npy header."""
         name = f"shard_{self._shards[shard]['index']:05d}__{hook}{'.grad' if grad else ''}.npy"
-        if name not in self._maps:
-            self._maps[name] = np.load(self.path / name, mmap_mode="r")
-        return self._maps[name], name
+        if name not in self._layouts:
+            with open(self.path / name, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(handle)
+                self._layouts[name] = (name, handle.tell(), shape, dtype)
+        return self._layouts[name]
 
     def _read(self, shard: int, start: int, stop: int, hook: str, grad: bool) -> np.ndarray:
-        """Rows [start, stop) of one shard file, verifying the CRC of each block touched."""
-        array, name = self._map(shard, hook, grad)
+        """Rows [start, stop) of one shard file, verifying the CRC of each block touched.
+
+        Plain positioned reads rather than a memory map: mapped pages would count towards
+        the process's resident memory and grow with the amount of cache read.
+        """
+        name, offset, (rows, d), dtype = self._layout(shard, hook, grad)
         crcs = self._files[(shard, name)]["block_crc32"]
-        for block in range(start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS + 1):
-            if (name, block) in self._verified:
-                continue
-            lo, hi = block * BLOCK_ROWS, min((block + 1) * BLOCK_ROWS, array.shape[0])
-            if zlib.crc32(np.ascontiguousarray(array[lo:hi]).data) != crcs[block]:
-                raise CacheError(f"{self.path / name}: rows {lo}–{hi} fail their checksum; the file is corrupted. "
-                                 "Delete it with its shard_*.json record and re-run cache_activations to rewrite it.")
-            self._verified.add((name, block))
-        return array[start:stop]
+        first_block, last_block = start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS
+        lo, hi = first_block * BLOCK_ROWS, min((last_block + 1) * BLOCK_ROWS, rows)
+        out = np.empty((hi - lo, d), dtype=dtype)
+        fd = os.open(self.path / name, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [memoryview(out).cast("B")], offset + lo * d * dtype.itemsize)
+        finally:
+            os.close(fd)
+        if got != out.nbytes:
+            raise CacheError(f"{self.path / name}: short read at rows {lo}–{hi}; the file is truncated. "
+                             "Delete it with its shard_*.json record and re-run cache_activations to rewrite it.")
+        for block in range(first_block, last_block + 1):  # CRC-32 runs at ~1 GB/s: cheaper than the float cast
+            b_lo = (block - first_block) * BLOCK_ROWS
+            if zlib.crc32(out[b_lo:b_lo + BLOCK_ROWS].data) != crcs[block]:
+                raise CacheError(f"{self.path / name}: rows {block * BLOCK_ROWS}–{min((block + 1) * BLOCK_ROWS, rows)} "
+                                 "fail their checksum; the file is corrupted. Delete it with its shard_*.json "
+                                 "record and re-run cache_activations to rewrite it.")
+        return out[start - lo:stop - lo]
 
     def _tensor(self, arrays: list[np.ndarray], grad: bool, dtype: torch.dtype, device) -> torch.Tensor:
         stored = self.manifest["grad_dtype" if grad else "dtype"]
