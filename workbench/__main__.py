@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demo on the offline default model")
     demo.add_argument("--out", default="figures", help="folder for the exported figures")
-    sub.add_parser("models", help="list the offline zoo with each model's validation loss")
+    models = sub.add_parser("models", help="list the offline zoo with each model's validation loss")
+    models.add_argument("--table", action="store_true", help="one Markdown table row per model (as in README.md)")
     cache = sub.add_parser("cache", help="cache activations (and loss gradients) of hooks to disk")
     cache.add_argument("--model", default=None, help="zoo or TransformerLens model name (default: the zoo default)")
     cache.add_argument("--hooks", nargs="+", required=True, help="hook names, e.g. blocks.1.hook_resid_post")
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         from . import list_models, model_card
 
         for name in list_models():
-            print(model_card(name).to_markdown())
+            card = model_card(name)
+            print(card.table_row() if args.table else card.to_markdown())
 
 
 def _cache(args) -> None:

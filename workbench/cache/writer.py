@@ -154,24 +154,30 @@ def _write_shard(model, tokens, index, config, folder: Path, bar) -> None:
         arrays[(hook, grad)] = np.lib.format.open_memmap(
             temps[(hook, grad)], mode="w+", dtype=DTYPES[dtype][1], shape=(rows, config["hooks"][hook])
         )
-    for start in range(first, last, batch_size):
-        batch = tokens[start:min(start + batch_size, last)].to(model.cfg.device)
-        acts, grads = _run_batch(model, batch, list(config["hooks"]), config["with_grads"])
-        lo, hi = (start - first) * seq_len, (start - first + batch.shape[0]) * seq_len
-        for hook, grad in targets:
-            values = (grads if grad else acts)[hook]
-            dtype = config["grad_dtype"] if grad else config["dtype"]
-            stored = _to_storage_checked(values, dtype, f"{'gradients' if grad else 'activations'} of {hook!r}", start, seq_len, index)
-            arrays[(hook, grad)][lo:hi] = stored
-        bar.update(1)
-    files = []
-    for key, array in arrays.items():
+    try:
+        for start in range(first, last, batch_size):
+            batch = tokens[start:min(start + batch_size, last)].to(model.cfg.device)
+            acts, grads = _run_batch(model, batch, list(config["hooks"]), config["with_grads"])
+            lo, hi = (start - first) * seq_len, (start - first + batch.shape[0]) * seq_len
+            for hook, grad in targets:
+                values = (grads if grad else acts)[hook]
+                dtype = config["grad_dtype"] if grad else config["dtype"]
+                stored = _to_storage_checked(values, dtype, f"{'gradients' if grad else 'activations'} of {hook!r}", start, seq_len, index)
+                arrays[(hook, grad)][lo:hi] = stored
+            bar.update(1)
+    except BaseException:
+        arrays.clear()
+        for temp in temps.values():  # nothing of a failed shard stays behind
+            temp.unlink(missing_ok=True)
+        raise
+    for array in arrays.values():
         array.flush()
-        del array
+    arrays.clear()  # unmaps the files
+    files = []
+    for key, temp in temps.items():
         final = data_file(index, *key)
-        os.replace(temps[key], folder / final)
+        os.replace(temp, folder / final)
         files.append(FileRecord.of(folder, final).__dict__)
-    arrays.clear()
     write_json(folder / f"{shard_stem(index)}.json",
                {"index": index, "first_seq": first, "n_seq": last - first, "rows": rows, "files": files})
 
@@ -228,6 +234,9 @@ def cache_activations(
     if rank == 0:
         _prepare_folder(folder, config, tokens)
     _barrier()
+    if rank != 0 and read_json(folder / CONFIG_FILE) != config:
+        raise CacheError(f"rank {rank} was given a different model, tokens or settings than rank 0; "
+                         "every rank must call cache_activations with the same arguments")
     done = shard_records(folder)
     todo = [i for i in range(config["n_shards"]) if i % world == rank and i not in done]
     if done:

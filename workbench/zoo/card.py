@@ -60,6 +60,12 @@ class ModelCard:
             **measured,
         )
 
+    def table_row(self) -> str:
+        """One row of the README's zoo table."""
+        mlp = "gated SiLU (SwiGLU)" if self.config["gated_mlp"] else self.config["act_fn"]
+        return (f"| `{self.name}` | {mlp} | {self.val_loss_nats:.3f} | {self.val_unigram_entropy_nats:.3f} | "
+                f"{self.loss_below_unigram:.3f} | {self.tokens_seen:,} | {self.train_time_s / 60:.1f} min |")
+
     def to_markdown(self) -> str:
         return "\n".join(
             [

@@ -1,0 +1,143 @@
+"""Properties every SAE architecture must keep, on tiny random tensors."""
+
+import pytest
+import torch
+
+from workbench import sae as saes
+
+ARCHS = saes.ARCHITECTURES
+D_IN, D_SAE, K, BATCH = 16, 64, 4, 32
+
+
+def _make(arch, **cfg):
+    torch.manual_seed(0)
+    model = saes.create(arch, D_IN, D_SAE, K, **cfg)
+    with torch.no_grad():  # a non-zero encoder bias so most pre-activations are positive
+        model.b_enc.fill_(0.5)
+    return model
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, D_IN, generator=generator), torch.randn(BATCH, D_IN, generator=generator)
+
+
+def test_all_five_are_registered():
+    assert set(ARCHS) == {"topk", "batchtopk", "matryoshka", "gradient", "hierarchical"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("training", [True, False])
+def test_decode_of_encode_is_forward(arch, training):
+    sae = _make(arch)
+    sae.train(training)
+    x, g = _inputs()
+    result = sae(x, g=g)
+    z = sae.encode(x, g=g)
+    torch.testing.assert_close(sae.decode(z), result.x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.code.dense(D_SAE), z)
+
+
+@pytest.mark.parametrize("arch", ["topk", "gradient", "hierarchical"])
+def test_exactly_k_nonzeros_per_row(arch):
+    sae = _make(arch)
+    x, g = _inputs()
+    assert ((sae.encode(x, g=g) != 0).sum(-1) == K).all()
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_keeps_k_times_batch_in_training(arch):
+    sae = _make(arch).train()
+    x, _ = _inputs()
+    z = sae.encode(x)
+    assert int((z != 0).sum()) == K * BATCH
+    assert (z != 0).sum(-1).float().std() > 0  # the count varies per row
+    assert float(sae.threshold) > 0  # the inference threshold was recorded
+
+
+def test_batchtopk_inference_is_a_threshold():
+    sae = _make("batchtopk").train()
+    x, _ = _inputs()
+    sae(x)
+    sae.eval()
+    pre = sae.pre_acts(x)
+    expected = pre * (pre > sae.threshold)
+    torch.testing.assert_close(sae.encode(x), expected)
+
+
+def test_gradient_selection_follows_the_score_and_keeps_values():
+    sae = _make("gradient", beta=5.0)
+    x, g = _inputs()
+    pre = sae.pre_acts(x).relu()
+    score = pre * (1 + 5.0 * (g @ sae.W_dec.T).abs())
+    z = sae.encode(x, g=g)
+    chosen = z != 0
+    expected = torch.zeros_like(chosen).scatter(1, score.topk(K, dim=-1).indices, True)
+    assert torch.equal(chosen, expected)
+    torch.testing.assert_close(z[chosen], pre[chosen])  # values are z, not the score
+    assert not torch.equal(chosen, torch.zeros_like(chosen).scatter(1, pre.topk(K, dim=-1).indices, True))
+
+
+def test_hierarchical_budgets_are_prefixes_of_the_sorted_code():
+    sae = _make("hierarchical")
+    x, _ = _inputs()
+    full = sae.encode_sparse(x)
+    assert (full.values[:, :-1] >= full.values[:, 1:]).all()
+    for j in (1, 2, 3):
+        small = sae.encode(x, k=j)
+        assert ((small != 0).sum(-1) == j).all()
+        assert torch.equal(small, full.values[:, :j].new_zeros(BATCH, D_SAE).scatter(1, full.indices[:, :j], full.values[:, :j]))
+    with pytest.raises(ValueError, match="budgets up to"):
+        sae.encode(x, k=K + 1)
+
+
+def test_hierarchical_loss_matches_explicit_budget_reconstructions():
+    sae = _make("hierarchical")
+    x, _ = _inputs()
+    result = sae(x)
+    explicit = torch.stack([(sae.decode(sae.encode(x, k=j)) - x).pow(2).sum(-1).mean() for j in range(1, K + 1)]).mean()
+    torch.testing.assert_close(sae.reconstruction_loss(x, result), explicit)
+
+
+def test_matryoshka_loss_sums_prefix_reconstructions():
+    sae = _make("matryoshka", prefixes=[8, 32, 64])
+    x, _ = _inputs()
+    result = sae(x)
+    z = result.code.dense(D_SAE)
+    explicit = sum(((z[:, :m] @ sae.W_dec[:m] + sae.b_dec) - x).pow(2).sum(-1).mean() for m in (8, 32, 64))
+    torch.testing.assert_close(sae.reconstruction_loss(x, result), explicit)
+    with pytest.raises(ValueError, match="must increase strictly and end at d_sae"):
+        saes.create("matryoshka", D_IN, D_SAE, K, prefixes=[8, 32])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_is_identical(arch, tmp_path):
+    sae = _make(arch).train()
+    x, g = _inputs()
+    sae(x, g=g)  # sets the BatchTopK threshold, which must survive the round trip
+    sae.eval()
+    sae.save(tmp_path)
+    loaded = saes.load(tmp_path).eval()
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert torch.equal(loaded.encode(x, g=g), sae.encode(x, g=g))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoder_rows_start_unit_norm_and_folding_keeps_outputs(arch):
+    sae = _make(arch).eval()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    x, g = _inputs()
+    before = sae(x, g=g).x_hat
+    sae.normalize_decoder()  # already unit norm: a no-op on outputs
+    torch.testing.assert_close(sae(x, g=g).x_hat, before)
+
+
+def test_bad_configs_are_explained():
+    with pytest.raises(ValueError, match="exceeds d_sae"):
+        saes.create("topk", 8, 4, 5)
+    with pytest.raises(ValueError, match="unknown architecture 'relu'"):
+        saes.create("relu", 8, 16, 2)
+    with pytest.raises(ValueError, match="beta must be non-negative"):
+        saes.create("gradient", 8, 16, 2, beta=-1.0)

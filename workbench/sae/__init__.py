@@ -1,0 +1,11 @@
+"""Sparse autoencoders: one file per architecture, registered by name.
+
+``create(architecture, d_in, d_sae, k, **cfg)`` makes one; ``load(folder)`` opens a saved one.
+"""
+
+from . import batchtopk, gradient, hierarchical, matryoshka, topk  # noqa: F401  (registers them)
+from .base import REGISTRY, ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, create, load, register
+
+ARCHITECTURES = tuple(sorted(REGISTRY))
+
+__all__ = ["ARCHITECTURES", "REGISTRY", "ForwardResult", "SAEConfig", "SparseAutoencoder", "SparseCode", "create", "load", "register"]

@@ -1,0 +1,48 @@
+"""HierarchicalTopK SAE (Balagansky et al. 2025, "Train One Sparse Autoencoder Across
+Multiple Sparsity Budgets to Preserve Interpretability and Accuracy").
+
+The k selected latents are sorted by value, l_(1) ≥ … ≥ l_(k); the reconstruction with
+budget j uses the j largest:  x̂_j = Σ_{i ≤ j} l_(i) d_(i) + b_dec  (a cumulative sum of
+the sorted contributions). Training minimises the mean over budgets j ∈ J of ‖x − x̂_j‖²,
+so one SAE serves every L0 ≤ k at inference: ``encode(x, k=j)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .base import ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, register
+
+
+@dataclasses.dataclass
+class HierarchicalConfig(SAEConfig):
+    budgets: list[int] = dataclasses.field(default_factory=list)
+    """Budgets J ⊆ {1..k} whose reconstructions are trained; empty: every j in 1..k."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.budgets:
+            self.budgets = list(range(1, self.k + 1))
+        if any(not 1 <= j <= self.k for j in self.budgets):
+            raise ValueError(f"budgets must lie in 1..k={self.k}, got {self.budgets}")
+
+
+@register("hierarchical", HierarchicalConfig)
+class HierarchicalTopKSAE(SparseAutoencoder):
+    def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
+        """Top-k latents sorted by value (largest first); ``k`` ≤ cfg.k picks a smaller budget."""
+        k = k or self.cfg.k
+        if k > self.cfg.k:
+            raise ValueError(f"this SAE was trained for budgets up to k={self.cfg.k}, asked for {k}")
+        values, indices = pre_acts.topk(k, dim=-1, sorted=True)
+        return SparseCode(values.relu(), indices)
+
+    def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
+        # Contributions l_(i) d_(i), sorted by value, summed cumulatively: x̂_j for every j at once.
+        contributions = result.code.values.unsqueeze(-1) * self.W_dec[result.code.indices]
+        budgets = torch.as_tensor(self.cfg.budgets, device=x.device) - 1
+        partial = contributions.cumsum(1)[:, budgets] + self.b_dec  # [batch, |J|, d_in]
+        return (partial - x.unsqueeze(1)).pow(2).sum(-1).mean()
