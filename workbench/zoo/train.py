@@ -1,7 +1,9 @@
 """Train a zoo model on the stdlib corpus: seeded, one command, checkpoints along the way.
 
-``python -m workbench.zoo train stdlib-relu`` reproduces the shipped weights (same seed,
-same tokens, same order; bit-identical on the same torch build and thread count).
+``python -m workbench.zoo train stdlib-relu`` reproduces the shipped weights: same seed,
+same tokens, same order. Multi-threaded CPU kernels do not sum in a fixed order, so a
+re-run is not bit-identical; re-training stdlib-gelu gave weights within 0.002 (fp16) of
+the first run and the same validation loss to 1e-6 nats/token.
 """
 
 from __future__ import annotations
