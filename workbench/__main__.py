@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     cache.add_argument("--corpus", default="stdlib", help="'stdlib', a local text file/folder, or an HF dataset")
     cache.add_argument("--split", default="train", choices=["train", "val"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("workbench").setLevel(logging.INFO)  # ours only: not every library's INFO chatter
 
     if args.command == "demo":
         from .demo import run_demo

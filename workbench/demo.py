@@ -77,8 +77,10 @@ def run_demo(out_dir: str | Path = "figures") -> dict:
     model = wb.load_model(wb.DEFAULT_MODEL)
     _say("model", f"loaded {wb.DEFAULT_MODEL} on {model.cfg.device}: {model.cfg.n_layers} layers, d_model={model.cfg.d_model}")
 
-    n_tokens = 16_384 if quick_mode() else 131_072
-    val = wb.load_tokens("stdlib", "val", n_tokens=n_tokens)
+    card = wb.model_card(wb.DEFAULT_MODEL)
+    # The card's evaluation set (the first eval_tokens of the split) so the numbers agree.
+    n_tokens = 16_384 if quick_mode() else card.config["eval_tokens"]
+    val = wb.load_tokens("stdlib", "val", n_tokens=n_tokens, seq_len=card.config["seq_len"])
     loss = model_loss(model, val)
     entropy = wb.unigram_entropy(val[:, 1:], model.cfg.d_vocab)
     results.update(val_loss=loss, unigram_entropy=entropy)

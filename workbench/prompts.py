@@ -83,7 +83,7 @@ def plot_token_losses(report: PromptReport, width: str | float = "double"):
         positions = list(range(1, len(report.tokens)))
         ax.bar(positions, report.losses[1:], width=0.8)
         ax.set_xticks(positions)
-        ax.set_xticklabels([repr(t)[1:-1] for t in report.tokens[1:]], rotation=90, fontfamily="monospace")
+        ax.set_xticklabels([repr(t)[1:-1].replace(" ", "·") for t in report.tokens[1:]], rotation=90, fontfamily="monospace")
         ax.set_ylabel("loss (nats)")
         ax.set_title(f"loss per token (mean {report.mean_loss:.2f} nats)")
         ax.grid(axis="x", visible=False)

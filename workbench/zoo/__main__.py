@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("name", choices=[*ZOO, "all"])
     train.add_argument("--tokens", type=int, default=None, help="override the token budget (quick runs)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("workbench").setLevel(logging.INFO)
 
     if args.command == "tokenizer":
         from ..tokenizer import train_tokenizer
