@@ -197,8 +197,15 @@ def test_two_process_distributed_equals_single_process(model, tokens, tmp_path):
         port = probe.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "tests.helpers.tiny", str(multi)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    job = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:  # a hung rendezvous: take torchrun and both workers down
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 0, stderr[-3000:]
     assert _data_files(multi) == _data_files(single)
     manifest = json.loads((multi / MANIFEST_FILE).read_text())
     assert manifest["complete"] and len(manifest["shards"]) == 12

@@ -13,7 +13,7 @@ import torch
 
 from .format import BLOCK_ROWS, DTYPES, MANIFEST_FILE, TOKENS_FILE, CacheError, from_storage, read_json
 
-DEFAULT_BUFFER_ROWS = 1 << 17  # rows mixed at once when shuffling: memory = buffer_rows · d · 4 bytes
+DEFAULT_BUFFER_ROWS = 1 << 16  # rows mixed at once when shuffling: memory ≈ buffer_rows · d · (2 or 4) bytes
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,10 @@ class ActivationCache:
                 self._layouts[name] = (name, handle.tell(), shape, dtype)
         return self._layouts[name]
 
-    def _read(self, shard: int, start: int, stop: int, hook: str, grad: bool) -> np.ndarray:
+    def _read(self, shard: int, start: int, stop: int, hook: str, grad: bool, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of one shard file, verifying the CRC of each block touched.
+
+        ``out``, when given, receives the rows (then start and stop must be block-aligned).
 
         Plain positioned reads rather than a memory map: mapped pages would count towards
         the process's resident memory and grow with the amount of cache read.
@@ -138,7 +140,10 @@ class ActivationCache:
         crcs = self._files[(shard, name)]["block_crc32"]
         first_block, last_block = start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS
         lo, hi = first_block * BLOCK_ROWS, min((last_block + 1) * BLOCK_ROWS, rows)
-        out = np.empty((hi - lo, d), dtype=dtype)
+        if out is None:
+            out = np.empty((hi - lo, d), dtype=dtype)
+        elif out.shape != (hi - lo, d) or out.dtype != dtype:
+            raise ValueError(f"out must be {(hi - lo, d)} {dtype} for block-aligned rows {start}-{stop}")
         fd = os.open(self.path / name, os.O_RDONLY)
         try:
             got = os.preadv(fd, [memoryview(out).cast("B")], offset + lo * d * dtype.itemsize)
@@ -154,11 +159,6 @@ class ActivationCache:
                                  "fail their checksum; the file is corrupted. Delete it with its shard_*.json "
                                  "record and re-run cache_activations to rewrite it.")
         return out[start - lo:stop - lo]
-
-    def _tensor(self, arrays: list[np.ndarray], grad: bool, dtype: torch.dtype, device) -> torch.Tensor:
-        stored = self.manifest["grad_dtype" if grad else "dtype"]
-        tensor = from_storage(np.concatenate(arrays) if len(arrays) > 1 else arrays[0], stored).to(dtype)
-        return tensor.to(device) if device is not None else tensor
 
     def activations(self, hook: str, rows, with_grads: bool = False, dtype: torch.dtype = torch.float32, device=None):
         """Rows by global index (any order, repeats allowed): a tensor [len(rows), d], or
@@ -179,7 +179,7 @@ class ActivationCache:
             stop = min(start + BLOCK_ROWS, self._shards[shard]["rows"])
             for grad in out:
                 out[grad][where] = self._read(shard, start, stop, hook, grad)[local[where] - start]
-        tensors = [self._tensor([out[grad]], grad, dtype, device) for grad in out]
+        tensors = [from_storage(out[grad], self.manifest["grad_dtype" if grad else "dtype"]).to(device=device, dtype=dtype) for grad in out]
         return tuple(tensors) if with_grads else tensors[0]
 
     def _storage_dtype(self, grad: bool) -> np.dtype:
@@ -228,21 +228,40 @@ class ActivationCache:
             blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
         per_buffer = max(1, buffer_rows // BLOCK_ROWS) if shuffle else 1
         kinds = self._kinds(with_grads)
-        leftover: list[torch.Tensor] | None = None
+        leftover: list[torch.Tensor] | None = None  # < batch_size rows carried to the next buffer
         for first in range(0, len(blocks), per_buffer):
             chunk = blocks[first:first + per_buffer]
-            tensors = [self._tensor([self._read(b.shard, b.start, b.stop, hook, g) for b in chunk], g, dtype, None) for g in kinds]
-            if shuffle:
-                order = torch.randperm(tensors[0].shape[0], generator=generator)
-                tensors = [t[order] for t in tensors]
+            stored = [self._read_blocks(chunk, hook, grad) for grad in kinds]  # the buffer, in the stored dtype
+            n = stored[0].shape[0]
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+            # Gather each batch from the buffer and cast it alone: no permuted or float32
+            # copy of the whole buffer is ever made.
+            pos = 0
             if leftover is not None:
-                tensors = [torch.cat([l, t]) for l, t in zip(leftover, tensors)]
-            full = tensors[0].shape[0] // batch_size * batch_size
-            for start in range(0, full, batch_size):
-                yield self._emit([t[start:start + batch_size] for t in tensors], device)
-            leftover = [t[full:] for t in tensors]
-        if leftover is not None and leftover[0].shape[0] and not drop_last:
+                pos = min(batch_size - leftover[0].shape[0], n)
+                leftover = [torch.cat([rest, s[order[:pos]].to(dtype)]) for rest, s in zip(leftover, stored)]
+                if leftover[0].shape[0] < batch_size:
+                    continue
+                yield self._emit(leftover, device)
+                leftover = None
+            while pos + batch_size <= n:
+                index = order[pos:pos + batch_size]
+                yield self._emit([s[index].to(dtype) for s in stored], device)
+                pos += batch_size
+            if pos < n:
+                leftover = [s[order[pos:]].to(dtype) for s in stored]
+        if leftover is not None and not drop_last:
             yield self._emit(leftover, device)
+
+    def _read_blocks(self, blocks: list[_Block], hook: str, grad: bool) -> torch.Tensor:
+        """Whole blocks read straight into one buffer (no per-block copies to concatenate)."""
+        buffer = np.empty((sum(b.stop - b.start for b in blocks), self.d(hook)), dtype=self._storage_dtype(grad))
+        pos = 0
+        for block in blocks:
+            rows = block.stop - block.start
+            self._read(block.shard, block.start, block.stop, hook, grad, out=buffer[pos:pos + rows])
+            pos += rows
+        return from_storage(buffer, self.manifest["grad_dtype" if grad else "dtype"])
 
     @staticmethod
     def _emit(tensors: list[torch.Tensor], device):
