@@ -9,6 +9,7 @@ from .cache import ActivationCache, CacheError, cache_activations
 from .data import load_tokens, unigram_entropy
 from .models import ModelUnavailableOffline, best_device, list_models, load_model, model_card, zoo_checkpoints
 from .prompts import PromptReport, plot_token_losses, prompt_report
+from .trainer import TrainConfig, train_sae, train_saes
 from .zoo.specs import DEFAULT_MODEL
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "ModelUnavailableOffline",
     "PromptReport",
+    "TrainConfig",
     "best_device",
     "figures",
     "list_models",
@@ -29,6 +31,8 @@ __all__ = [
     "model_card",
     "plot_token_losses",
     "prompt_report",
+    "train_sae",
+    "train_saes",
     "unigram_entropy",
     "zoo_checkpoints",
 ]

@@ -1,0 +1,110 @@
+"""SAE trainer: learns synthetic ground truth, resumes exactly, sweeps in one pass, trains from a cache."""
+
+import pytest
+import torch
+
+from workbench import synthetic
+from workbench.sae import ARCHITECTURES, load
+from workbench.trainer import TrainConfig, default_lr, geometric_median, train_sae, train_saes
+
+SMALL = synthetic.superposition(d=32, n_features=128, avg_active=3, seed=0)
+
+
+def _config(**kw):
+    base = dict(architecture="topk", d_sae=128, k=4, batch_size=256, total_tokens=256 * 120, warmup_steps=10,
+                log_every=10)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_geometric_median_resists_outliers():
+    points = torch.cat([torch.randn(200, 3, generator=torch.Generator().manual_seed(0)) * 0.1 + 1.0, torch.full((20, 3), 100.0)])
+    median = geometric_median(points)
+    assert (median - 1.0).abs().max() < 0.1 and (points.mean(0) - 1.0).abs().min() > 5
+
+
+def test_default_lr_scales_with_width():
+    assert default_lr(2**14) == pytest.approx(2e-3)
+    assert default_lr(2**12) == pytest.approx(4e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_learns_the_synthetic_dictionary(arch):
+    cfg = _config(architecture=arch)
+    data = SMALL.batches(256, 256 * 120, seed=1)
+    if arch == "gradient":  # (x, g) pairs; a random g still leaves z in charge of the values
+        gen = torch.Generator().manual_seed(2)
+        data = ((x, torch.randn(x.shape, generator=gen) * 0.01) for x in data)
+    sae = train_sae(cfg, data, progress=False)
+    x, _ = SMALL.sample(2048, torch.Generator().manual_seed(9))
+    fvu = float((sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.3, fvu
+    assert synthetic.mmcs(sae.W_dec.detach(), SMALL.features) > 0.7
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    cfg = _config(checkpoint_every=40, total_tokens=256 * 100)
+    straight = train_sae(cfg, SMALL.batches(256, 256 * 100, seed=1), run_dir=tmp_path / "a", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupted(stream, after):
+        for i, batch in enumerate(stream):
+            if i == after:
+                raise Interrupt
+            yield batch
+
+    with pytest.raises(Interrupt):
+        train_sae(cfg, interrupted(SMALL.batches(256, 256 * 100, seed=1), 57), run_dir=tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "0-topk-k4-128" / "checkpoint.safetensors").exists()
+    resumed = train_sae(cfg, SMALL.batches(256, 256 * 100, seed=1), run_dir=tmp_path / "b", progress=False)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    saved = load(tmp_path / "b" / "0-topk-k4-128")
+    assert torch.equal(saved.W_dec, resumed.W_dec)
+    assert (tmp_path / "b" / "0-topk-k4-128" / "metrics.json").exists()
+
+
+def test_a_sweep_trains_from_one_pass_like_separate_runs():
+    configs = [_config(k=4), _config(k=8, d_sae=64)]
+    pulled = []
+
+    def counted(stream):
+        for batch in stream:
+            pulled.append(1)
+            yield batch
+
+    together = train_saes(configs, counted(SMALL.batches(256, 256 * 120, seed=1)), progress=False)
+    assert len(pulled) == 120  # one pass over the data for both SAEs
+    alone = train_sae(configs[1], SMALL.batches(256, 256 * 120, seed=1), progress=False)
+    assert torch.equal(together[1].W_dec, alone.W_dec)
+
+
+def test_k_annealing_starts_wide_and_ends_at_k():
+    from workbench.trainer.step import SAETrainer
+    from workbench.sae import create
+
+    cfg = _config(k_anneal_tokens=256 * 50, k_start=16)
+    trainer = SAETrainer(create("topk", 32, 128, 4), cfg)
+    ks = []
+    for x in SMALL.batches(256, 256 * 60, seed=1):
+        ks.append(trainer.step(x).k)
+    assert ks[0] == 16 and ks[-1] == 4 and ks == sorted(ks, reverse=True)
+
+
+def test_dead_latents_get_aux_gradient():
+    from workbench.trainer.step import SAETrainer
+    from workbench.sae import create
+
+    trainer = SAETrainer(create("topk", 32, 128, 4), _config(dead_tokens=1))
+    x = next(SMALL.batches(256, 256, seed=1))
+    trainer.tokens_since_fired.fill_(10)  # every latent counts as dead
+    stats = trainer.step(x)
+    assert stats.aux_loss > 0 and stats.dead_fraction < 1.0
+
+
+def test_bad_config_is_explained():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        TrainConfig(architecture="relu")
+    with pytest.raises(ValueError, match="less than one batch"):
+        TrainConfig(total_tokens=10, batch_size=4096)

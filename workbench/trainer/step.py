@@ -1,0 +1,152 @@
+"""One SAE's training state and step: loss, AuxK, decoder constraint, schedules, statistics.
+
+Kept apart from the data loop so several SAEs (a sweep) can be stepped on the same batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..sae import SparseAutoencoder, SparseCode
+from .config import TrainConfig
+
+
+@dataclass
+class StepStats:
+    loss: float
+    fvu: float
+    l0: float
+    aux_loss: float
+    dead_fraction: float
+    lr: float
+    k: int
+
+
+class SAETrainer:
+    """Trains one SAE: Adam, lr warm-up and decay, optional k annealing, AuxK for dead
+    latents, unit-norm decoder rows (Gao et al. 2024 §2.3, §A.2), gradient clipping."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
+        self.sae, self.cfg = sae, cfg
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(), betas=(0.9, 0.999), eps=6.25e-10)
+        device = sae.W_dec.device
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.dead_tokens = cfg.resolved_dead_tokens()
+        self.aux_k = cfg.aux_k or max(1, sae.cfg.d_in // 2)
+
+    # --- schedules -------------------------------------------------------------------------
+    def lr_now(self) -> float:
+        lr = self.cfg.resolved_lr()
+        if self.step_count < self.cfg.warmup_steps:
+            return lr * (self.step_count + 1) / self.cfg.warmup_steps
+        total = self.cfg.total_steps()
+        if total and self.cfg.decay_fraction > 0:
+            decay_start = total * (1 - self.cfg.decay_fraction)
+            if self.step_count >= decay_start:
+                return lr * max(0.0, (total - self.step_count) / (total - decay_start))
+        return lr
+
+    def k_now(self) -> int:
+        """Linearly annealed k (from k_start down to k over k_anneal_tokens), else k."""
+        k = self.sae.cfg.k
+        if self.cfg.k_anneal_tokens <= 0 or self.tokens_seen >= self.cfg.k_anneal_tokens:
+            return k
+        start = self.cfg.k_start or min(4 * k, self.sae.cfg.d_sae)
+        return round(start + (k - start) * self.tokens_seen / self.cfg.k_anneal_tokens)
+
+    # --- the step --------------------------------------------------------------------------
+    def aux_loss(self, x: Tensor, x_hat: Tensor, pre_acts: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024 §A.2): the top-k_aux dead latents reconstruct the residual."""
+        dead = self.tokens_since_fired >= self.dead_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x.new_zeros(())
+        residual = (x - x_hat).detach()
+        masked = torch.where(dead, pre_acts, torch.full_like(pre_acts, -math.inf))
+        values, indices = masked.topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+        code = SparseCode(values.relu(), indices)
+        residual_hat = self.sae.decode_sparse(code) - self.sae.b_dec
+        return (residual_hat - residual).pow(2).sum(-1).mean()
+
+    def step(self, x: Tensor, g: Tensor | None = None) -> StepStats:
+        sae, cfg = self.sae, self.cfg
+        k = self.k_now()
+        lr = self.lr_now()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        select_kwargs = {"g": g} if g is not None else {}
+        if k != sae.cfg.k and sae.architecture in ("topk", "gradient", "hierarchical"):
+            select_kwargs["k"] = k
+        result = sae(x, **select_kwargs)
+        # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
+        # depend on the activations' scale.
+        variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        recon = sae.reconstruction_loss(x, result) / variance
+        aux = self.aux_loss(x, result.x_hat, result.pre_acts) / variance
+        loss = recon + cfg.aux_alpha * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._average_gradients_across_ranks()
+        self._remove_parallel_decoder_grad()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+            fired[result.code.indices[result.code.values > 0]] = True
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+            fvu = float((result.x_hat - x).pow(2).sum(-1).mean() / variance)
+            l0 = float((result.code.values > 0).sum(-1).float().mean())
+        self.step_count += 1
+        self.tokens_seen += x.shape[0]
+        return StepStats(float(loss.detach()), fvu, l0, float(aux.detach()), float((self.tokens_since_fired >= self.dead_tokens).float().mean()), lr, k)
+
+    @torch.no_grad()
+    def _remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row: with rows renormalised after
+        every step, that component only changes the norm and would be wasted (Gao et al. 2024)."""
+        W, grad = self.sae.W_dec, self.sae.W_dec.grad
+        if grad is not None:
+            grad -= (grad * W).sum(-1, keepdim=True) * W
+
+    def _average_gradients_across_ranks(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            world = torch.distributed.get_world_size()
+            for param in self.sae.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= world
+
+    # --- resumable state -------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything needed to resume exactly, as tensors (saved with safetensors, no pickle)."""
+        state = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        state["tokens_since_fired"] = self.tokens_since_fired
+        for name, param in self.sae.named_parameters():
+            opt = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in opt:
+                    state[f"adam.{name}.{key}"] = torch.as_tensor(opt[key])
+        state["counters"] = torch.tensor([self.step_count, self.tokens_seen], dtype=torch.long)
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        device = self.sae.W_dec.device
+        self.sae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("sae.")})
+        self.tokens_since_fired = state["tokens_since_fired"].to(device)
+        for name, param in self.sae.named_parameters():
+            if f"adam.{name}.exp_avg" in state:
+                self.optimizer.state[param] = {
+                    "step": state[f"adam.{name}.step"].clone(),
+                    "exp_avg": state[f"adam.{name}.exp_avg"].to(device).clone(),
+                    "exp_avg_sq": state[f"adam.{name}.exp_avg_sq"].to(device).clone(),
+                }
+        self.step_count, self.tokens_seen = (int(v) for v in state["counters"])
