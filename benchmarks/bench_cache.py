@@ -175,13 +175,13 @@ def main() -> None:
          ["blocks.5.hook_resid_post", "blocks.11.hook_resid_post"]),
     ]
     rows, read_rows = [], []
-    for label, model, n_seq, batch_size, hooks in setups:
+    for (label, model, n_seq, batch_size, hooks), repeats in zip(setups, (6, 3)):
         tokens = load_tokens("stdlib", "train", n_tokens=n_seq * 128)
         n = tokens.numel()
         for with_grads in (False, True):
             # Interleaved repeats, best of each: this machine's speed drifts between runs.
             t_bare, t_cache = float("inf"), float("inf")
-            for _ in range(3):
+            for _ in range(repeats):
                 t_bare = min(t_bare, timed(lambda: bare(model, tokens, hooks, batch_size, with_grads), repeats=1))
                 t_cache = min(t_cache, cache_once(model, tokens, hooks, batch_size, with_grads))
             rows.append([label, "fwd+grad" if with_grads else "fwd", f"{n:,}", f"{n / t_bare:,.0f}",

@@ -1,7 +1,8 @@
 """``python -m workbench COMMAND``: the workbench from a terminal.
 
 Commands: ``demo`` (the end-to-end tour on the offline default model), ``models`` (the
-offline zoo) and ``cache`` (activations and gradients to disk; works under torchrun).
+offline zoo), ``cache`` (activations and gradients to disk; works under torchrun) and
+``train`` (SAEs on a cached hook).
 Zoo training lives in ``python -m workbench.zoo``.
 """
 
@@ -17,6 +18,17 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demo on the offline default model")
     demo.add_argument("--out", default="figures", help="folder for the exported figures")
+    train = sub.add_parser("train", help="train SAEs on a cached hook (several configs share one pass)")
+    train.add_argument("--cache", required=True, help="activation cache folder (from `python -m workbench cache`)")
+    train.add_argument("--hook", required=True, help="hook of the cache to train on")
+    train.add_argument("--architectures", nargs="+", default=["topk"], help="one SAE per architecture × k × width")
+    train.add_argument("--k", nargs="+", type=int, default=[32])
+    train.add_argument("--d-sae", nargs="+", type=int, default=[2048])
+    train.add_argument("--tokens", type=int, default=None, help="training tokens (default: one epoch of the cache)")
+    train.add_argument("--batch-size", type=int, default=4096)
+    train.add_argument("--lr", type=float, default=None, help="default: workbench.trainer.default_lr(d_sae)")
+    train.add_argument("--out", default="saes/run", help="run folder: one subfolder per SAE; re-run to resume")
+    train.add_argument("--checkpoint-every", type=int, default=200)
     models = sub.add_parser("models", help="list the offline zoo with each model's validation loss")
     models.add_argument("--table", action="store_true", help="one Markdown table row per model (as in README.md)")
     cache = sub.add_parser("cache", help="cache activations (and loss gradients) of hooks to disk")
@@ -40,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(out_dir=args.out)
     elif args.command == "cache":
         _cache(args)
+    elif args.command == "train":
+        _train(args)
     elif args.command == "models":
         from . import list_models, model_card
 
@@ -70,6 +84,28 @@ def _cache(args) -> None:
         print(ActivationCache.open(path))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _train(args) -> None:
+    import itertools
+
+    from .cache import ActivationCache
+    from .evals import reconstruction_metrics
+    from .trainer import TrainConfig, train_saes
+
+    cache = ActivationCache.open(args.cache)
+    model_name = cache.manifest["model"]["name"]
+    configs = [
+        TrainConfig(architecture=arch, k=k, d_sae=d_sae, hook_name=args.hook, model_name=model_name,
+                    batch_size=args.batch_size, total_tokens=args.tokens, lr=args.lr, checkpoint_every=args.checkpoint_every)
+        for arch, k, d_sae in itertools.product(args.architectures, args.k, args.d_sae)
+    ]
+    trained = train_saes(configs, cache, run_dir=args.out)
+    sample = list(itertools.islice(cache.batches(args.hook, args.batch_size, seed=12345, with_grads=cache.has_grads), 4))
+    for cfg, sae in zip(configs, trained):
+        metrics = reconstruction_metrics(sae, sample if cfg.needs_grads else [b[0] if isinstance(b, tuple) else b for b in sample])
+        print(f"{cfg.architecture:>12} k={cfg.k:<4} d_sae={cfg.d_sae:<6} FVU (on cached rows) {metrics.fvu:.4f}  L0 {metrics.l0:.1f}  "
+              f"dead {metrics.dead_fraction:.3f}")
 
 
 if __name__ == "__main__":

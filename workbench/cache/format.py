@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +74,6 @@ def data_file(index: int, hook: str, grad: bool = False) -> str:
     return f"{shard_stem(index)}__{hook}{'.grad' if grad else ''}.npy"
 
 
-def block_checksums(array: np.ndarray) -> list[int]:
-    """CRC-32 of each block of ``BLOCK_ROWS`` rows of a 2-D array."""
-    return [zlib.crc32(np.ascontiguousarray(array[start:start + BLOCK_ROWS]).data) for start in range(0, array.shape[0], BLOCK_ROWS)]
-
-
 def sha256_of_tensor(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
@@ -109,11 +103,6 @@ class FileRecord:
     d: int
     nbytes: int
     block_crc32: list[int]
-
-    @classmethod
-    def of(cls, folder: Path, name: str) -> "FileRecord":
-        array = np.load(folder / name, mmap_mode="r")
-        return cls(name, int(array.shape[0]), int(array.shape[1]), (folder / name).stat().st_size, block_checksums(array))
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -250,6 +250,7 @@ class ActivationCache:
                 pos += batch_size
             if pos < n:
                 leftover = [s[order[pos:]].to(dtype) for s in stored]
+            del stored  # before the next buffer is read: one buffer alive at a time
         if leftover is not None and not drop_last:
             yield self._emit(leftover, device)
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,10 @@ def _to_storage_checked(values: torch.Tensor, dtype: str, what: str, first_seq: 
     """``values`` as the array written for ``dtype``; NaN/inf (after the cast, so float16
     overflow is caught too) is an error that names where it happened."""
     converted = values.detach().to(device="cpu", dtype=DTYPES[dtype][0]).contiguous()
+    # NaN propagates through max/min, and ±inf is their value if present: two reductions
+    # decide, without a boolean mask the size of the batch.
+    if torch.isfinite(converted.amax()) and torch.isfinite(converted.amin()):
+        return converted.view(torch.uint16).numpy() if dtype == "bfloat16" else converted.numpy()
     bad = ~torch.isfinite(converted)
     if bad.any():
         seqs = sorted(set((bad.any(-1).nonzero()[:, 0] // seq_len + first_seq).tolist()))
@@ -140,13 +145,35 @@ def _to_storage_checked(values: torch.Tensor, dtype: str, what: str, first_seq: 
     return converted.view(torch.uint16).numpy() if dtype == "bfloat16" else converted.numpy()
 
 
+class _BlockCRC:
+    """CRC-32 of each BLOCK_ROWS-row block, fed rows in order as they are written (the data
+    is still in cache then, so checksums cost no second read of the file)."""
+
+    def __init__(self, row_bytes: int):
+        self.row_bytes, self.done, self.current, self.rows_in_block = row_bytes, [], 0, 0
+
+    def update(self, rows: np.ndarray) -> None:
+        raw, start = memoryview(np.ascontiguousarray(rows)).cast("B"), 0
+        while start < len(raw):
+            take = min(BLOCK_ROWS - self.rows_in_block, (len(raw) - start) // self.row_bytes)
+            self.current = zlib.crc32(raw[start:start + take * self.row_bytes], self.current)
+            start += take * self.row_bytes
+            self.rows_in_block += take
+            if self.rows_in_block == BLOCK_ROWS:
+                self.done.append(self.current)
+                self.current, self.rows_in_block = 0, 0
+
+    def finish(self) -> list[int]:
+        return self.done + ([self.current] if self.rows_in_block else [])
+
+
 def _write_shard(model, tokens, index, config, folder: Path, bar) -> None:
     seqs = config["seqs_per_shard"]
     first, last = index * seqs, min((index + 1) * seqs, config["n_seq"])
     seq_len, batch_size = config["seq_len"], config["batch_size"]
     rows = (last - first) * seq_len
     targets = [(h, False) for h in config["hooks"]] + ([(h, True) for h in config["hooks"]] if config["with_grads"] else [])
-    arrays, temps = {}, {}
+    arrays, temps, crcs = {}, {}, {}
     for hook, grad in targets:
         dtype = config["grad_dtype"] if grad else config["dtype"]
         final = data_file(index, hook, grad)
@@ -154,6 +181,7 @@ def _write_shard(model, tokens, index, config, folder: Path, bar) -> None:
         arrays[(hook, grad)] = np.lib.format.open_memmap(
             temps[(hook, grad)], mode="w+", dtype=DTYPES[dtype][1], shape=(rows, config["hooks"][hook])
         )
+        crcs[(hook, grad)] = _BlockCRC(config["hooks"][hook] * DTYPES[dtype][1].itemsize)
     try:
         for start in range(first, last, batch_size):
             batch = tokens[start:min(start + batch_size, last)].to(model.cfg.device)
@@ -164,6 +192,7 @@ def _write_shard(model, tokens, index, config, folder: Path, bar) -> None:
                 dtype = config["grad_dtype"] if grad else config["dtype"]
                 stored = _to_storage_checked(values, dtype, f"{'gradients' if grad else 'activations'} of {hook!r}", start, seq_len, index)
                 arrays[(hook, grad)][lo:hi] = stored
+                crcs[(hook, grad)].update(stored)
             bar.update(1)
     except BaseException:
         arrays.clear()
@@ -177,7 +206,8 @@ def _write_shard(model, tokens, index, config, folder: Path, bar) -> None:
     for key, temp in temps.items():
         final = data_file(index, *key)
         os.replace(temp, folder / final)
-        files.append(FileRecord.of(folder, final).__dict__)
+        record = FileRecord(final, rows, config["hooks"][key[0]], (folder / final).stat().st_size, crcs[key].finish())
+        files.append(record.__dict__)
     write_json(folder / f"{shard_stem(index)}.json",
                {"index": index, "first_seq": first, "n_seq": last - first, "rows": rows, "files": files})
 
