@@ -4,7 +4,7 @@ Start with ``workbench.load_model()`` (the offline default model) and
 ``workbench.load_tokens()`` (its tokenized training corpus); see README.md.
 """
 
-from . import figures, paths
+from . import figures, paths, sae
 from .cache import ActivationCache, CacheError, cache_activations
 from .data import load_tokens, unigram_entropy
 from .models import ModelUnavailableOffline, best_device, list_models, load_model, model_card, zoo_checkpoints
@@ -19,6 +19,7 @@ __all__ = [
     "CacheError",
     "cache_activations",
     "paths",
+    "sae",
     "DEFAULT_MODEL",
     "ModelUnavailableOffline",
     "PromptReport",

@@ -69,7 +69,7 @@ def reconstruction_metrics(sae, batches) -> ReconstructionMetrics:
         raise ValueError("no rows to evaluate")
     total_variance = sum_sq - float(sum_x.pow(2).sum()) / n  # Σ‖x − x̄‖² = Σ‖x‖² − n‖x̄‖²
     density = (fired / n).float()
-    return ReconstructionMetrics(fvu=sse / total_variance, mse=sse / (n * sae.cfg.d_in), l0=l0_total / n,
+    return ReconstructionMetrics(fvu=sse / total_variance if total_variance > 0 else float("nan"), mse=sse / (n * sae.cfg.d_in), l0=l0_total / n,
                                  dead_fraction=float((density == 0).float().mean()), density=density, n_rows=n)
 
 
