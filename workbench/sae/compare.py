@@ -1,0 +1,57 @@
+"""Compare trained SAEs side by side: one table row each, and the paper's two panels
+(FVU vs L0, spliced-in CE loss vs L0)."""
+
+from __future__ import annotations
+
+import itertools
+
+from ..evals import downstream_metrics, reconstruction_metrics
+
+
+def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8, batch_size: int = 4096) -> list[dict]:
+    """Reconstruction metrics of each SAE on ``n_batches`` of its hook in ``cache`` and, when
+    ``model`` and ``tokens`` are given, the CE loss with it spliced in (and KL)."""
+    rows = []
+    for sae in saes:
+        hook = sae.cfg.hook_name
+        batches = list(itertools.islice(cache.batches(hook, batch_size, seed=999, with_grads=sae.architecture == "gradient"), n_batches))
+        metrics = reconstruction_metrics(sae, batches)
+        row = {"architecture": sae.architecture, "k": sae.cfg.k, "d_sae": sae.cfg.d_sae, "hook": hook,
+               "fvu": metrics.fvu, "l0": metrics.l0, "dead_fraction": metrics.dead_fraction}
+        if model is not None and tokens is not None:
+            downstream = downstream_metrics(model, sae, tokens, hook=hook)
+            row.update(ce_clean=downstream.ce_clean, ce_spliced=downstream.ce_spliced, kl=downstream.kl,
+                       ce_recovered_vs_zero=downstream.ce_recovered_vs_zero)
+        rows.append(row)
+    return rows
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Markdown table of ``compare_saes`` rows."""
+    keys = [k for k in ("architecture", "k", "d_sae", "l0", "fvu", "dead_fraction", "ce_spliced", "ce_recovered_vs_zero", "kl") if k in rows[0]]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_comparison(rows: list[dict], width: str | float = "double"):
+    """FVU vs L0 and (when measured) spliced-in CE loss vs L0, one marker per architecture."""
+    from ..figures import paper_figure, paper_style
+
+    panels = 2 if "ce_spliced" in rows[0] else 1
+    fig, axes = paper_figure(width, aspect=0.38, ncols=panels, squeeze=False)
+    axes = axes[0]
+    with paper_style():
+        for arch in dict.fromkeys(row["architecture"] for row in rows):
+            mine = sorted((r for r in rows if r["architecture"] == arch), key=lambda r: r["l0"])
+            axes[0].plot([r["l0"] for r in mine], [r["fvu"] for r in mine], marker="o", label=arch)
+            if panels == 2:
+                axes[1].plot([r["l0"] for r in mine], [r["ce_spliced"] for r in mine], marker="o", label=arch)
+        axes[0].set(xlabel="L0 (active latents per token)", ylabel="FVU", title="reconstruction")
+        if panels == 2:
+            axes[1].axhline(rows[0]["ce_clean"], color="0.4", linestyle="--", linewidth=0.8, label="clean model")
+            axes[1].set(xlabel="L0 (active latents per token)", ylabel="CE loss, SAE spliced in (nats)", title="downstream")
+        axes[-1].legend()
+        fig.tight_layout()
+    return fig
