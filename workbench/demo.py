@@ -53,7 +53,30 @@ def _cache_stage(model, model_name: str) -> dict:
     ids, at = cache.context(1234, before=12, after=0)
     text = model.to_string(torch.tensor(ids))
     _say("cache", f"row 1234 ({hooks[0]}: {int((x > 0).sum())} of {x.shape[1]} neurons positive) is the last token of {text!r}")
-    return {"cache_rows": cache.n_tokens, "cache_read_rows_per_s": rate}
+    return {"cache_rows": cache.n_tokens, "cache_read_rows_per_s": rate, "cache_path": str(folder), "hook": hooks[1]}
+
+
+def _sae_stage(model, cache_path: str, hook: str, out_dir) -> dict:
+    """Train five SAEs on the cached hook in one pass; compare reconstruction and spliced-in CE."""
+    import workbench as wb
+    from workbench.sae.compare import compare_saes, comparison_table, plot_comparison
+
+    cache = wb.ActivationCache.open(cache_path)
+    d_sae, k = (256, 8) if quick_mode() else (1024, 16)
+    configs = [wb.TrainConfig(architecture=arch, d_sae=d_sae, k=k, hook_name=hook, model_name=wb.DEFAULT_MODEL,
+                              batch_size=1024, total_tokens=cache.n_tokens)
+               for arch in ("topk", "batchtopk", "matryoshka", "gradient", "hierarchical")]
+    started = time.perf_counter()
+    saes = wb.train_saes(configs, cache, run_dir=wb.paths.cache_dir() / "demo" / "saes", progress=not quick_mode())
+    _say("sae", f"trained {len(saes)} SAEs (d_sae={d_sae}, k={k}) on {cache.n_tokens:,} cached rows of {hook} "
+         f"in one pass, {time.perf_counter() - started:.1f} s")
+    val = wb.load_tokens("stdlib", "val", n_tokens=2_048 if quick_mode() else 16_384)
+    rows = compare_saes(saes, cache, model=model, tokens=val, n_batches=2)
+    for line in comparison_table(rows).splitlines():
+        _say("sae", line)
+    paths = wb.figures.save_figure(plot_comparison(rows), "demo_sae_comparison", out_dir=out_dir)
+    _say("figure", f"wrote {', '.join(map(str, paths))}")
+    return {"saes": rows}
 
 
 def run_demo(out_dir: str | Path = "figures") -> dict:
@@ -98,6 +121,7 @@ def run_demo(out_dir: str | Path = "figures") -> dict:
     _say("figure", f"wrote {', '.join(map(str, paths))}")
 
     results.update(_cache_stage(model, wb.DEFAULT_MODEL))
+    results.update(_sae_stage(model, results["cache_path"], results["hook"], out_dir))
 
     results["seconds"] = time.perf_counter() - started
     _say("done", f"demo finished in {results['seconds']:.1f} s")
