@@ -179,11 +179,15 @@ class ActivationCache:
             stop = min(start + BLOCK_ROWS, self._shards[shard]["rows"])
             for grad in out:
                 out[grad][where] = self._read(shard, start, stop, hook, grad)[local[where] - start]
-        tensors = [from_storage(out[grad], self.manifest["grad_dtype" if grad else "dtype"]).to(device=device, dtype=dtype) for grad in out]
+        tensors = [from_storage(out[grad], self._stored_dtype(grad)).to(device=device, dtype=dtype) for grad in out]
         return tuple(tensors) if with_grads else tensors[0]
 
+    def _stored_dtype(self, grad: bool) -> str:
+        """Name of the dtype activations (or gradients) were cached in."""
+        return self.manifest["grad_dtype" if grad else "dtype"]
+
     def _storage_dtype(self, grad: bool) -> np.dtype:
-        return DTYPES[self.manifest["grad_dtype" if grad else "dtype"]][1]
+        return DTYPES[self._stored_dtype(grad)][1]
 
     def _kinds(self, with_grads: bool) -> list[bool]:
         return [False, True] if with_grads else [False]
@@ -262,7 +266,7 @@ class ActivationCache:
             rows = block.stop - block.start
             self._read(block.shard, block.start, block.stop, hook, grad, out=buffer[pos:pos + rows])
             pos += rows
-        return from_storage(buffer, self.manifest["grad_dtype" if grad else "dtype"])
+        return from_storage(buffer, self._stored_dtype(grad))
 
     @staticmethod
     def _emit(tensors: list[torch.Tensor], device):

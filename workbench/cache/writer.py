@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import rank_and_world
 from ..paths import atomic_write_bytes
 from .format import (
     BLOCK_ROWS,
@@ -43,15 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_TOKENS = 65_536
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when it is initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
-    if _distributed()[1] > 1:
+    if rank_and_world()[1] > 1:
         torch.distributed.barrier()
 
 
@@ -132,10 +126,8 @@ def _to_storage_checked(values: torch.Tensor, dtype: str, what: str, first_seq: 
     converted = values.detach().to(device="cpu", dtype=DTYPES[dtype][0]).contiguous()
     # NaN propagates through max/min, and ±inf is their value if present: two reductions
     # decide, without a boolean mask the size of the batch.
-    if torch.isfinite(converted.amax()) and torch.isfinite(converted.amin()):
-        return converted.view(torch.uint16).numpy() if dtype == "bfloat16" else converted.numpy()
-    bad = ~torch.isfinite(converted)
-    if bad.any():
+    if not (torch.isfinite(converted.amax()) and torch.isfinite(converted.amin())):
+        bad = ~torch.isfinite(converted)
         seqs = sorted(set((bad.any(-1).nonzero()[:, 0] // seq_len + first_seq).tolist()))
         raise CacheError(
             f"{what} have {int(bad.sum())} NaN/inf entries in sequences {seqs[:10]} (shard {shard}); "
@@ -261,7 +253,7 @@ def cache_activations(
         "block_rows": BLOCK_ROWS,
     }
     folder = Path(out_dir)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if rank == 0:
         _prepare_folder(folder, config, tokens)
     _barrier()

@@ -58,7 +58,7 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"
     """Decoder-bias initialisation: geometric_median, mean or zeros."""
     init_samples: int = 8192
-    """Rows of the first batches used to initialise b_dec."""
+    """At most this many rows of the first batch initialise b_dec."""
     seed: int = 0
     """Seed of the SAE's initialisation."""
     device: str | None = None

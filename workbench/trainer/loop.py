@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import sae as saes
+from ..distributed import rank_and_world
 from ..models import best_device
 from ..paths import atomic_write_text
 from .config import TrainConfig
@@ -42,8 +43,8 @@ def _batches(data, cfg: TrainConfig, with_grads: bool) -> Iterator:
         stream = (data[order[i:i + cfg.batch_size]] for i in range(0, data.shape[0] - cfg.batch_size + 1, cfg.batch_size))
     else:
         stream = iter(data)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = rank_and_world()
+    if world > 1:
         stream = itertools.islice(stream, rank, None, world)  # each rank its own batches
     return stream
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..distributed import rank_and_world
 from ..sae import SparseAutoencoder, SparseCode
 from .config import TrainConfig
 
@@ -118,8 +119,8 @@ class SAETrainer:
             grad -= (grad * W).sum(-1, keepdim=True) * W
 
     def _average_gradients_across_ranks(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            world = torch.distributed.get_world_size()
+        _, world = rank_and_world()
+        if world > 1:
             for param in self.sae.parameters():
                 if param.grad is not None:
                     torch.distributed.all_reduce(param.grad)
