@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers.tiny import HOOKS, tiny_model, tiny_tokens
+from tests.helpers.torchrun import run_two_processes
 from workbench.cache import ActivationCache, CacheError, cache_activations
 from workbench.cache.format import MANIFEST_FILE
 from workbench.cache.writer import stop_layer
@@ -192,20 +192,7 @@ def test_kill_and_resume_gives_the_uninterrupted_cache(model, tokens, tmp_path):
 def test_two_process_distributed_equals_single_process(model, tokens, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     cache_activations(model, tokens, HOOKS, single, batch_size=4, shard_tokens=64, progress=False)
-    with socket.socket() as probe:  # a free port for the rendezvous (port 0 is not accepted)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "tests.helpers.tiny", str(multi)]
-    job = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:  # a hung rendezvous: take torchrun and both workers down
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode == 0, stderr[-3000:]
+    run_two_processes("tests.helpers.tiny", str(multi))
     assert _data_files(multi) == _data_files(single)
     manifest = json.loads((multi / MANIFEST_FILE).read_text())
     assert manifest["complete"] and len(manifest["shards"]) == 12

@@ -1,5 +1,7 @@
 """SAE trainer: learns synthetic ground truth, resumes exactly, sweeps in one pass, trains from a cache."""
 
+import json
+
 import pytest
 import torch
 
@@ -108,3 +110,27 @@ def test_bad_config_is_explained():
         TrainConfig(architecture="relu")
     with pytest.raises(ValueError, match="less than one batch"):
         TrainConfig(total_tokens=10, batch_size=4096)
+
+
+def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
+    """torchrun with 2 gloo processes: each rank steps on its own batches, gradients and
+    bookkeeping are averaged, so both replicas end bit-identical, one process writes the
+    run folder, and the SAE has learned (steps count world × batch rows each)."""
+    from safetensors.torch import load_file
+
+    from tests.helpers.torchrun import run_two_processes
+    from tests.helpers.train_ddp import BATCH, TOTAL
+
+    run_two_processes("tests.helpers.train_ddp", str(tmp_path))
+    replicas = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert replicas[0].keys() == replicas[1].keys()
+    for name in replicas[0]:
+        assert torch.equal(replicas[0][name], replicas[1][name]), name
+    [folder] = list((tmp_path / "run").iterdir())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["steps"] == TOTAL // BATCH // 2 and metrics["tokens"] == TOTAL
+    sae = load(folder)
+    x, _ = SMALL.sample(2048, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        fvu = float((sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.4, fvu

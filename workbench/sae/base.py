@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..paths import atomic_write_text
+from .sparse_ops import gathered_pre_acts
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -105,7 +106,9 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(cfg.d_sae, cfg.d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        # Column-major [d_in, d_sae]: each latent's encoder column is contiguous, which the
+        # sparse training encoder reads and writes (sparse_ops); loads copy into this layout.
+        self.W_enc = nn.Parameter(W_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -116,6 +119,12 @@ class SparseAutoencoder(nn.Module):
     def select(self, pre_acts: Float[Tensor, "batch d_sae"], **context) -> SparseCode:
         """Which latents fire and with what value. ``context`` carries e.g. gradients."""
         raise NotImplementedError
+
+    def observe(self, code: SparseCode) -> None:
+        """Called with each training batch's code (BatchTopK records its threshold here)."""
+
+    sorted_code: ClassVar[bool] = False
+    """Whether ``select`` returns each row's latents sorted by value (largest first)."""
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
         """Sum over dimensions, mean over rows, of ‖x − x̂‖² (the TopK paper's MSE, unnormalised)."""
@@ -139,7 +148,52 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Float[Tensor, "batch d_in"], **context) -> ForwardResult:
         pre = self.pre_acts(x)
         code = self.select(pre, **context)
+        if self.training:
+            self.observe(code)
         return ForwardResult(self.decode_sparse(code), code, pre)
+
+    def forward_train(self, x: Float[Tensor, "batch d_in"], selection_dtype: torch.dtype = torch.float32,
+                      **context) -> ForwardResult:
+        """The trainer's forward: same code and x̂ as ``forward`` (up to ties at
+        ``selection_dtype`` precision), but only the selected pre-activations are computed
+        with autograd, exactly in float32, with a sparse backward (see ``sparse_ops``).
+        ``pre_acts`` in the result is detached (at ``selection_dtype``) and lives in a
+        scratch buffer that the next call overwrites."""
+        with torch.no_grad():
+            pre = self._selection_pre_acts(x, selection_dtype)
+            chosen = self.select(pre, **context)
+        exact = gathered_pre_acts(x, self.b_dec, self.W_enc, self.b_enc, chosen.indices)
+        # ReLU, and the padding slots of variable-width codes (BatchTopK) stay zero.
+        code = SparseCode(torch.where(chosen.values > 0, exact.relu(), 0.0), chosen.indices)
+        if self.sorted_code:
+            order = code.values.argsort(dim=-1, descending=True, stable=True)
+            code = SparseCode(code.values.gather(1, order), code.indices.gather(1, order))
+        if self.training:
+            self.observe(code)
+        return ForwardResult(self.decode_sparse(code), code, pre)
+
+    @torch.no_grad()
+    def _selection_pre_acts(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """(x − b_dec) W_enc + b_enc at ``dtype``, as one matmul into a reused buffer.
+
+        Both biases fold into one extra input column: [x, 1] · [W_enc; b_enc − b_decᵀW_enc].
+        Writing into a buffer kept between steps halves the time of this matmul on CPU,
+        where a fresh [batch, d_sae] output costs as much in page faults as the product.
+        """
+        rows, (d_in, d_sae) = x.shape[0], self.W_enc.shape
+        width = d_in + 16  # the bias column, padded so the inner dimension stays aligned
+        scratch = self.__dict__.setdefault("_scratch", {})
+        key = (rows, dtype, x.device)
+        if scratch.get("key") != key:
+            scratch.update(key=key, out=torch.empty(rows, d_sae, dtype=dtype, device=x.device),
+                           x=torch.zeros(rows, width, dtype=dtype, device=x.device))
+            scratch["x"][:, d_in] = 1
+        weights = torch.empty(d_sae, width, dtype=dtype, device=x.device)  # column-major [width, d_sae]
+        weights[:, :d_in] = self.W_enc.T
+        weights[:, d_in] = self.b_enc - self.b_dec @ self.W_enc
+        weights[:, d_in + 1:] = 0
+        scratch["x"][:, :d_in] = x
+        return torch.mm(scratch["x"], weights.T, out=scratch["out"])
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -39,6 +39,7 @@ class GradientSAE(SparseAutoencoder):
             values, indices = z.topk(k, dim=-1, sorted=False)
             return SparseCode(values, indices)
         with torch.no_grad():  # the score only chooses indices; no gradient flows through it
-            score = z * (1 + self.cfg.beta * (g.to(self.W_dec.dtype) @ self.W_dec.T).abs())
+            # At the pre-activations' precision (bf16 when the trainer selects in bf16).
+            score = z * (1 + self.cfg.beta * (g.to(z.dtype) @ self.W_dec.T.to(z.dtype)).abs())
             indices = score.topk(k, dim=-1, sorted=False).indices
         return SparseCode(z.gather(1, indices), indices)

@@ -32,6 +32,8 @@ class HierarchicalConfig(SAEConfig):
 
 @register("hierarchical", HierarchicalConfig)
 class HierarchicalTopKSAE(SparseAutoencoder):
+    sorted_code = True
+
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         """Top-k latents sorted by value (largest first); ``k`` ≤ cfg.k picks a smaller budget."""
         k = k or self.cfg.k

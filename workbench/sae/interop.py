@@ -73,6 +73,7 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     elif arch == "jumprelu" and torch.unique(theirs.threshold).numel() == 1:
         ours = create("batchtopk", theirs.cfg.d_in, theirs.cfg.d_sae, 1, **info)
         ours.threshold.copy_(theirs.threshold[0])
+        ours.threshold_weight.fill_(1.0)
     else:
         raise ValueError(f"{folder}: SAELens architecture {arch!r} (per-latent thresholds or other rules) "
                          "has no workbench equivalent; use it through sae_lens directly")

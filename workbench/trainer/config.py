@@ -59,6 +59,10 @@ class TrainConfig:
     """Decoder-bias initialisation: geometric_median, mean or zeros."""
     init_samples: int = 8192
     """At most this many rows of the first batch initialise b_dec."""
+    selection_precision: str = "auto"
+    """Precision of the pre-activations used only to choose the active latents: "bfloat16",
+    "float32", or "auto" (bfloat16 where this device has fast bf16 matmuls: CUDA, or a CPU
+    with AMX/AVX512-BF16). The chosen latents' values and all gradients are float32 either way."""
     seed: int = 0
     """Seed of the SAE's initialisation."""
     device: str | None = None
@@ -81,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"decay_fraction must lie in [0, 1), got {self.decay_fraction}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+        if self.selection_precision not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"selection_precision must be auto, bfloat16 or float32, got {self.selection_precision!r}")
         if self.total_tokens is not None and self.total_tokens < self.batch_size:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})")
 
@@ -91,6 +97,15 @@ class TrainConfig:
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.d_sae)
+
+    def selection_dtype(self, device) -> "torch.dtype":
+        import torch
+
+        from ..sae.sparse_ops import fast_bf16_matmul
+
+        if self.selection_precision == "auto":
+            return torch.bfloat16 if fast_bf16_matmul(torch.device(device)) else torch.float32
+        return getattr(torch, self.selection_precision)
 
     def total_steps(self) -> int | None:
         return None if self.total_tokens is None else self.total_tokens // self.batch_size

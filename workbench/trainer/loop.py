@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import sae as saes
-from ..distributed import rank_and_world
+from ..distributed import collective_view, rank_and_world
 from ..models import best_device
 from ..paths import atomic_write_text
 from .config import TrainConfig
@@ -54,6 +54,15 @@ def _split(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, g = batch
         return x.to(device, torch.float32), g.to(device, torch.float32)
     return batch.to(device, torch.float32), None
+
+
+def _broadcast_from_rank_zero(sae) -> None:
+    """Under torchrun, every replica starts from rank 0's SAE (b_dec came from its own batch)."""
+    _, world = rank_and_world()
+    if world > 1:
+        with torch.no_grad():
+            for tensor in list(sae.parameters()) + list(sae.buffers()):
+                torch.distributed.broadcast(collective_view(tensor.data), src=0)
 
 
 def _init_b_dec(sae, rows: torch.Tensor, how: str) -> None:
@@ -94,6 +103,7 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
         sae = saes.create(cfg.architecture, d_in, cfg.d_sae, cfg.k, hook_name=cfg.hook_name,
                           model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
         _init_b_dec(sae, x0[: cfg.init_samples], cfg.b_dec_init)
+        _broadcast_from_rank_zero(sae)
         trainers.append(SAETrainer(sae, cfg))
     folders = [Path(run_dir) / f"{i}-{c.architecture}-k{c.k}-{c.d_sae}" for i, c in enumerate(configs)] if run_dir else None
 
@@ -105,6 +115,10 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
         log.info("resuming %d SAE(s) from step %d", len(trainers), start_step)
 
     total = lead.total_steps()
+    rank, world = rank_and_world()
+    if total is not None:
+        total //= world  # each step consumes one batch per rank
+    writer = folders if rank == 0 else None  # one process writes the run's files
     batches = itertools.chain([first], stream)
     if start_step:
         batches = itertools.islice(batches, start_step, None)
@@ -124,10 +138,10 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
             bar.set_postfix(fvu=f"{stats[0].fvu:.3f}", l0=f"{stats[0].l0:.1f}", dead=f"{stats[0].dead_fraction:.2f}")
             if plot:
                 plot.update(history)
-        if folders and lead.checkpoint_every and step % lead.checkpoint_every == 0:
-            _checkpoint(trainers, folders)
-    if folders:
-        for trainer, folder, h in zip(trainers, folders, history):
+        if writer and lead.checkpoint_every and step % lead.checkpoint_every == 0:
+            _checkpoint(trainers, writer)
+    if writer:
+        for trainer, folder, h in zip(trainers, writer, history):
             trainer.sae.save(folder)
             atomic_write_text(folder / "metrics.json", json.dumps({"train_config": trainer.cfg.__dict__, "steps": trainer.step_count,
                                                                     "tokens": trainer.tokens_seen, "history": h}, indent=1, default=str))

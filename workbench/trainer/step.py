@@ -5,14 +5,14 @@ Kept apart from the data loop so several SAEs (a sweep) can be stepped on the sa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..distributed import rank_and_world
+from ..distributed import collective_view, rank_and_world
 from ..sae import SparseAutoencoder, SparseCode
+from ..sae.sparse_ops import gathered_pre_acts
 from .config import TrainConfig
 
 
@@ -33,13 +33,18 @@ class SAETrainer:
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
         self.sae, self.cfg = sae, cfg
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(), betas=(0.9, 0.999), eps=6.25e-10)
         device = sae.W_dec.device
+        # The fused kernel does Adam's whole update in one pass per tensor (4× less memory
+        # traffic than the default per-op implementation); CPU and CUDA have one.
+        fused = device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(), betas=(0.9, 0.999), eps=6.25e-10,
+                                          fused=fused)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
         self.step_count = 0
         self.tokens_seen = 0
         self.dead_tokens = cfg.resolved_dead_tokens()
         self.aux_k = cfg.aux_k or max(1, sae.cfg.d_in // 2)
+        self.selection_dtype = cfg.selection_dtype(device)
 
     # --- schedules -------------------------------------------------------------------------
     def lr_now(self) -> float:
@@ -63,20 +68,28 @@ class SAETrainer:
 
     # --- the step --------------------------------------------------------------------------
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre_acts: Tensor) -> Tensor:
-        """AuxK (Gao et al. 2024 §A.2): the top-k_aux dead latents reconstruct the residual."""
-        dead = self.tokens_since_fired >= self.dead_tokens
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        """AuxK (Gao et al. 2024 §A.2): the top-k_aux dead latents reconstruct the residual.
+
+        ``pre_acts`` (detached) only choose the latents; their values are recomputed exactly
+        with gradients, so the encoder of dead latents learns too."""
+        dead = (self.tokens_since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        if dead.numel() == 0:
             return x.new_zeros(())
         residual = (x - x_hat).detach()
-        masked = torch.where(dead, pre_acts, torch.full_like(pre_acts, -math.inf))
-        values, indices = masked.topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
-        code = SparseCode(values.relu(), indices)
+        with torch.no_grad():
+            best = pre_acts[:, dead].topk(min(self.aux_k, dead.numel()), dim=-1, sorted=False).indices
+        indices = dead[best]
+        sae = self.sae
+        code = SparseCode(gathered_pre_acts(x, sae.b_dec, sae.W_enc, sae.b_enc, indices).relu(), indices)
         residual_hat = self.sae.decode_sparse(code) - self.sae.b_dec
         return (residual_hat - residual).pow(2).sum(-1).mean()
 
     def step(self, x: Tensor, g: Tensor | None = None) -> StepStats:
+        """One optimiser step on this process's batch ``x`` (under torchrun, each rank
+        steps on its own batch and the gradients are averaged, so one step sees
+        world × batch rows)."""
         sae, cfg = self.sae, self.cfg
+        _, world = rank_and_world()
         k = self.k_now()
         lr = self.lr_now()
         for group in self.optimizer.param_groups:
@@ -84,7 +97,7 @@ class SAETrainer:
         select_kwargs = {"g": g} if g is not None else {}
         if k != sae.cfg.k and sae.architecture in ("topk", "gradient", "hierarchical"):
             select_kwargs["k"] = k
-        result = sae(x, **select_kwargs)
+        result = sae.forward_train(x, self.selection_dtype, **select_kwargs)
         # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
         # depend on the activations' scale.
         variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -102,12 +115,13 @@ class SAETrainer:
             sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
             fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
             fired[result.code.indices[result.code.values > 0]] = True
-            self.tokens_since_fired += x.shape[0]
+            fired = self._sync_across_ranks(fired)
+            self.tokens_since_fired += x.shape[0] * world
             self.tokens_since_fired[fired] = 0
             fvu = float((result.x_hat - x).pow(2).sum(-1).mean() / variance)
             l0 = float((result.code.values > 0).sum(-1).float().mean())
         self.step_count += 1
-        self.tokens_seen += x.shape[0]
+        self.tokens_seen += x.shape[0] * world
         return StepStats(float(loss.detach()), fvu, l0, float(aux.detach()), float((self.tokens_since_fired >= self.dead_tokens).float().mean()), lr, k)
 
     @torch.no_grad()
@@ -118,12 +132,25 @@ class SAETrainer:
         if grad is not None:
             grad -= (grad * W).sum(-1, keepdim=True) * W
 
+    def _sync_across_ranks(self, fired: Tensor) -> Tensor:
+        """Keep every replica's bookkeeping identical: a latent fired if it fired on any
+        rank, and buffers (BatchTopK's threshold) are averaged."""
+        _, world = rank_and_world()
+        if world == 1:
+            return fired
+        fired = fired.to(torch.uint8)
+        torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+        for buffer in self.sae.buffers():
+            torch.distributed.all_reduce(buffer)
+            buffer /= world
+        return fired.bool()
+
     def _average_gradients_across_ranks(self) -> None:
         _, world = rank_and_world()
         if world > 1:
             for param in self.sae.parameters():
                 if param.grad is not None:
-                    torch.distributed.all_reduce(param.grad)
+                    torch.distributed.all_reduce(collective_view(param.grad))
                     param.grad /= world
 
     # --- resumable state -------------------------------------------------------------------
@@ -147,7 +174,9 @@ class SAETrainer:
             if f"adam.{name}.exp_avg" in state:
                 self.optimizer.state[param] = {
                     "step": state[f"adam.{name}.step"].clone(),
-                    "exp_avg": state[f"adam.{name}.exp_avg"].to(device).clone(),
-                    "exp_avg_sq": state[f"adam.{name}.exp_avg_sq"].to(device).clone(),
+                    # empty_like: the moments take the parameter's memory layout (W_enc is
+                    # column-major), which the fused Adam kernel expects.
+                    "exp_avg": torch.empty_like(param).copy_(state[f"adam.{name}.exp_avg"]),
+                    "exp_avg_sq": torch.empty_like(param).copy_(state[f"adam.{name}.exp_avg_sq"]),
                 }
         self.step_count, self.tokens_seen = (int(v) for v in state["counters"])

@@ -1,0 +1,228 @@
+"""TopK SAE training speed: workbench vs SAELens vs EleutherAI sparsify, in one run.
+
+    .venv/bin/python benchmarks/bench_train.py            # writes the bench_train section
+    .venv/bin/python benchmarks/bench_train.py --quick    # tiny sizes, prints only
+
+Each library trains a TopK SAE (k=32) on the same synthetic superposition data (the same
+rows in the same order, batch 4096) for the same number of tokens, with its own training
+step and its own default optimiser settings, as a user of that library would get them:
+
+- workbench: ``train_sae`` (Adam, default lr, AuxK, unit-norm decoder, clipping);
+- SAELens: ``SAETrainer`` on a ``TopKTrainingSAE`` (its defaults: Adam 3e-4, AuxK, decoder
+  norm folded into the activations);
+- sparsify: ``SparseCoder`` stepped as its ``Trainer`` steps it (default signum optimiser
+  with schedule-free averaging, unit-norm decoder, b_dec initialised to the mean; its
+  trainer needs a Hugging Face model, so the loop is reproduced around the SparseCoder).
+
+Every library runs in its own subprocess, so peak memory (max RSS above the RSS with the
+data loaded) is its own. Held-out FVU is computed the same way for all (float64 sums) on
+rows none of them trained on. Tokens/s counts the whole training call after the data is in
+memory. The matmul ceiling is this machine's best [4096, d_in] × [d_in, d_sae] product in
+the dtype each library's encoder uses; "% of ceiling" is the encoder forward's 2·d_in·d_sae
+FLOPs per token at the measured tokens/s over that ceiling — the one dense product a TopK
+step cannot avoid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import machine, table, write_section  # noqa: E402
+
+K, BATCH = 32, 4096
+# (d_in, d_sae, training tokens): the two sizes the target names.
+SIZES = [(256, 2048, 1_048_576), (768, 16384, 262_144)]
+QUICK_SIZES = [(64, 256, 16_384)]
+HELD_OUT = 16_384
+LIBRARIES = ("workbench", "workbench-fp32", "sae_lens", "sparsify")
+
+
+# --- the workers (one subprocess each) ----------------------------------------------------
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _batches(x: torch.Tensor):
+    for start in range(0, x.shape[0] - BATCH + 1, BATCH):
+        yield x[start:start + BATCH]
+
+
+def _train_workbench(x: torch.Tensor, d_sae: int, precision: str):
+    from workbench.trainer import TrainConfig, train_sae
+
+    cfg = TrainConfig(architecture="topk", d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
+                      selection_precision=precision, device="cpu")
+    sae = train_sae(cfg, _batches(x), progress=False).eval()
+    return lambda rows: sae(rows).x_hat
+
+
+def _train_sae_lens(x: torch.Tensor, d_sae: int):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=K, device="cpu"))
+    # LanguageModelSAERunnerConfig's defaults (lr 3e-4 constant; lr_end is only read by cosine schedules).
+    cfg = SAETrainerConfig(total_training_samples=x.shape[0], train_batch_size_samples=BATCH, device="cpu",
+                           lr=3e-4, lr_end=3e-5, logger=LoggingConfig(log_to_wandb=False))
+    trainer = SAETrainer(cfg, sae, data_provider=_batches(x))
+    trainer.fit()
+    sae.eval()
+    return lambda rows: sae(rows)
+
+
+def _train_sparsify(x: torch.Tensor, d_sae: int):
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=K), device="cpu", dtype=torch.float32)
+    # sparsify's Trainer defaults: signum + schedule-free, lr 5e-3/√(d_sae/2¹⁴), no AuxK.
+    optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (d_sae / 2**14) ** 0.5)]),
+                                    momentum=0.95)
+    optimizer.train()
+    for step, batch in enumerate(_batches(x)):
+        if step == 0:
+            sae.b_dec.data = batch.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(batch)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+    optimizer.eval()  # schedule-free: evaluate at the averaged weights, as sparsify saves them
+    return lambda rows: sae(rows).sae_out
+
+
+def worker(library: str, data_path: str, d_sae: int) -> dict:
+    torch.manual_seed(0)
+    data = torch.load(data_path)
+    train, held_out = data["train"], data["held_out"]
+    import sae_lens  # noqa: F401  (imports settle before the memory baseline)
+    import sparsify  # noqa: F401
+
+    import workbench  # noqa: F401
+
+    baseline = _rss_kib()
+    started = time.perf_counter()
+    if library.startswith("workbench"):
+        reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto")
+    elif library == "sae_lens":
+        reconstruct = _train_sae_lens(train, d_sae)
+    else:
+        reconstruct = _train_sparsify(train, d_sae)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        err = total = 0.0
+        mean = held_out.double().mean(0)
+        for rows in held_out.split(4096):
+            err += float((reconstruct(rows).double() - rows.double()).pow(2).sum())
+            total += float((rows.double() - mean).pow(2).sum())
+    return {"library": library, "tokens_per_s": train.shape[0] / seconds, "seconds": seconds,
+            "peak_mib": (peak - baseline) / 1024, "fvu": err / total}
+
+
+# --- the driver ---------------------------------------------------------------------------
+def matmul_ceiling(d_in: int, d_sae: int, dtype: torch.dtype) -> float:
+    """Best GFLOP/s of a [4096, d_in] × [d_in, d_sae] product into a reused output."""
+    a, b = torch.randn(BATCH, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
+    out = torch.empty(BATCH, d_sae, dtype=dtype)
+    best = float("inf")
+    for _ in range(7):
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - started)
+    return 2 * BATCH * d_in * d_sae / best / 1e9
+
+
+def run_size(d_in: int, d_sae: int, tokens: int, folder: Path) -> list[dict]:
+    from workbench import synthetic
+    from workbench.sae.sparse_ops import fast_bf16_matmul
+
+    data = synthetic.superposition(d=d_in, n_features=d_sae, avg_active=8, noise=0.01, seed=0)
+    path = folder / f"data-{d_in}-{d_sae}.pt"
+    # Drawn in batches: one dense [tokens, d_sae] coefficient matrix would not fit in memory.
+    train = torch.cat(list(data.batches(BATCH, tokens, seed=1)))
+    held_out = torch.cat(list(data.batches(BATCH, HELD_OUT, seed=2)))
+    torch.save({"train": train, "held_out": held_out}, path)
+    del train, held_out
+    rows = []
+    for library in LIBRARIES:
+        done = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{library} failed at d_in={d_in}, d_sae={d_sae}:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        bf16 = library == "workbench" and fast_bf16_matmul(torch.device("cpu"))
+        result["encoder_dtype"] = "bf16 (selection)" if bf16 else "fp32"
+        ceiling = matmul_ceiling(d_in, d_sae, torch.bfloat16 if bf16 else torch.float32)
+        result["ceiling_gflops"] = ceiling
+        result["ceiling_fraction"] = 2 * d_in * d_sae * result["tokens_per_s"] / 1e9 / ceiling
+        result.update(d_in=d_in, d_sae=d_sae, tokens=tokens)
+        print(json.dumps(result), flush=True)
+        rows.append(result)
+    return rows
+
+
+def report(results: list[dict]) -> str:
+    header = ["d_in", "d_sae", "library", "encoder matmul", "tokens/s", "× fastest other", "peak MiB", "held-out FVU",
+              "matmul ceiling GFLOP/s", "% of ceiling"]
+    lines = []
+    for size in sorted({(r["d_in"], r["d_sae"]) for r in results}):
+        group = [r for r in results if (r["d_in"], r["d_sae"]) == size]
+        fastest_other = max(r["tokens_per_s"] for r in group if not r["library"].startswith("workbench"))
+        for r in group:
+            lines.append([r["d_in"], r["d_sae"], r["library"], r["encoder_dtype"], f"{r['tokens_per_s']:,.0f}",
+                          f"{r['tokens_per_s'] / fastest_other:.2f}", f"{r['peak_mib']:,.0f}", f"{r['fvu']:.4f}",
+                          f"{r['ceiling_gflops']:.0f}", f"{100 * r['ceiling_fraction']:.0f}%"])
+    tokens = ", ".join(f"{d}/{m}: {t:,} tokens" for d, m, t in sorted({(r['d_in'], r['d_sae'], r['tokens']) for r in results}))
+    return "\n".join([
+        "## bench_train: TopK SAE training, workbench vs SAELens vs sparsify",
+        "",
+        f"`.venv/bin/python benchmarks/bench_train.py` on {machine()}. k={K}, batch {BATCH}, {tokens}; "
+        "synthetic superposition data (d_sae true features, ~8 active per row, noise 0.01); each library with "
+        "its own default optimiser and lr; held-out FVU on 16,384 unseen rows. `workbench-fp32` is workbench "
+        "with `selection_precision=\"float32\"` (no bf16 anywhere). Peak MiB: max RSS above the RSS with the "
+        "data loaded. % of ceiling: the encoder's 2·d_in·d_sae FLOPs per token at this speed over the "
+        "machine's best matmul in that dtype.",
+        "",
+        table(header, lines),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
+    parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.data, args.d_sae)))
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for d_in, d_sae, tokens in QUICK_SIZES if args.quick else SIZES:
+            results += run_size(d_in, d_sae, tokens, Path(folder))
+    body = report(results)
+    print(body)
+    if not args.quick:
+        write_section("bench_train", body)
+
+
+if __name__ == "__main__":
+    main()
