@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,11 +47,17 @@ LIBRARIES = ("workbench", "workbench-fp32", "sae_lens", "sparsify")
 
 
 # --- the workers (one subprocess each) ----------------------------------------------------
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field} (peak memory needs Linux)")
+
+
+def _reset_peak_rss() -> None:
+    """Make VmHWM restart from the current RSS (Linux ≥ 4.0), so loading the data does not count."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _batches(x: torch.Tensor):
@@ -116,7 +121,8 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
 
     import workbench  # noqa: F401
 
-    baseline = _rss_kib()
+    baseline = _status_kib("VmRSS")
+    _reset_peak_rss()
     started = time.perf_counter()
     if library.startswith("workbench"):
         reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto")
@@ -125,7 +131,7 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
     else:
         reconstruct = _train_sparsify(train, d_sae)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     with torch.no_grad():
         err = total = 0.0
         mean = held_out.double().mean(0)

@@ -104,16 +104,18 @@ def _hook_gradient(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def downstream_metrics(model, sae, tokens: torch.Tensor, hook: str | None = None, batch_size: int = 16) -> DownstreamMetrics:
+def downstream_metrics(model, sae, tokens: torch.Tensor, hook: str | None = None, batch_size: int = 16,
+                       use_gradient: bool = True) -> DownstreamMetrics:
     """Next-token CE with the SAE's reconstruction spliced in at ``hook`` (default: the
     SAE's own hook_name), against the clean model, zero- and mean-ablation; and the KL
     of the spliced model's predictions from the clean ones. A gradient SAE is given the
-    clean model's loss gradient at the hook, as in training (Olmo et al. 2024)."""
+    clean model's loss gradient at the hook, as in training (Olmo et al. 2024); with
+    ``use_gradient=False`` it selects by z alone, as it must where no gradient exists."""
     hook = hook or sae.cfg.hook_name
     if not hook:
         raise ValueError("name the hook to splice at (the SAE has no hook_name recorded)")
     device = model.cfg.device
-    needs_grad = sae.architecture == "gradient"
+    needs_grad = sae.architecture == "gradient" and use_gradient
     # Pass 1: the mean activation over all tokens, for mean-ablation.
     total, count = None, 0
     for start in range(0, tokens.shape[0], batch_size):

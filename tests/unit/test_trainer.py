@@ -64,7 +64,8 @@ def test_resume_gives_the_same_weights(tmp_path):
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     saved = load(tmp_path / "b" / "0-topk-k4-128")
     assert torch.equal(saved.W_dec, resumed.W_dec)
-    assert (tmp_path / "b" / "0-topk-k4-128" / "metrics.json").exists()
+    history = lambda run: json.loads((tmp_path / run / "0-topk-k4-128" / "metrics.json").read_text())["history"]  # noqa: E731
+    assert history("b") == history("a")  # the curve before the interruption was kept
 
 
 def test_a_sweep_trains_from_one_pass_like_separate_runs():

@@ -26,6 +26,7 @@ from .step import SAETrainer, StepStats
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
+HISTORY_FILE = "checkpoint-history.json"  # the logged curve up to the checkpoint
 
 
 def _batches(data, cfg: TrainConfig, with_grads: bool) -> Iterator:
@@ -108,9 +109,12 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     folders = [Path(run_dir) / f"{i}-{c.architecture}-k{c.k}-{c.d_sae}" for i, c in enumerate(configs)] if run_dir else None
 
     start_step = 0
+    history: list[list[dict]] = [[] for _ in trainers]
     if folders and resume and all((f / CHECKPOINT_FILE).exists() for f in folders):
-        for trainer, folder in zip(trainers, folders):
+        for trainer, folder, h in zip(trainers, folders, history):
             trainer.load_state_tensors({k: v for k, v in load_file(str(folder / CHECKPOINT_FILE)).items()})
+            if (folder / HISTORY_FILE).exists():
+                h.extend(json.loads((folder / HISTORY_FILE).read_text()))
         start_step = trainers[0].step_count
         log.info("resuming %d SAE(s) from step %d", len(trainers), start_step)
 
@@ -125,7 +129,6 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     if total is not None:
         batches = itertools.islice(batches, max(0, total - start_step))
     plot = _live_plot(configs) if (live_plot if live_plot is not None else _in_notebook()) else None
-    history: list[list[dict]] = [[] for _ in trainers]
     bar = tqdm(batches, total=None if total is None else total - start_step, desc="train SAEs", unit="step",
                disable=not progress)
     for batch in bar:
@@ -139,13 +142,14 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
             if plot:
                 plot.update(history)
         if writer and lead.checkpoint_every and step % lead.checkpoint_every == 0:
-            _checkpoint(trainers, writer)
+            _checkpoint(trainers, writer, history)
     if writer:
         for trainer, folder, h in zip(trainers, writer, history):
             trainer.sae.save(folder)
             atomic_write_text(folder / "metrics.json", json.dumps({"train_config": trainer.cfg.__dict__, "steps": trainer.step_count,
                                                                     "tokens": trainer.tokens_seen, "history": h}, indent=1, default=str))
             (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+            (folder / HISTORY_FILE).unlink(missing_ok=True)
     for trainer in trainers:
         trainer.sae.eval()
     return [t.sae for t in trainers]
@@ -156,9 +160,11 @@ def train_sae(config: TrainConfig, data, run_dir: str | Path | None = None, **kw
     return train_saes([config], data, run_dir=run_dir, **kwargs)[0]
 
 
-def _checkpoint(trainers: list[SAETrainer], folders: list[Path]) -> None:
-    for trainer, folder in zip(trainers, folders):
+def _checkpoint(trainers: list[SAETrainer], folders: list[Path], history: list[list[dict]]) -> None:
+    for trainer, folder, h in zip(trainers, folders, history):
         folder.mkdir(parents=True, exist_ok=True)
+        # The curve so far first: a checkpoint found on resume always has its history.
+        atomic_write_text(folder / HISTORY_FILE, json.dumps(h, default=str))
         tmp = folder / f".{CHECKPOINT_FILE}.tmp"
         save_file(trainer.state_tensors(), str(tmp))
         tmp.replace(folder / CHECKPOINT_FILE)

@@ -27,6 +27,13 @@ class StepStats:
     k: int
 
 
+def _contiguous_alias(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """``param`` itself, or for a column-major matrix a Parameter over its transpose (same memory)."""
+    if param.is_contiguous() or param.ndim != 2 or not param.T.is_contiguous():
+        return param
+    return torch.nn.Parameter(param.data.T)
+
+
 class SAETrainer:
     """Trains one SAE: Adam, lr warm-up and decay, optional k annealing, AuxK for dead
     latents, unit-norm decoder rows (Gao et al. 2024 §2.3, §A.2), gradient clipping."""
@@ -37,8 +44,11 @@ class SAETrainer:
         # The fused kernel does Adam's whole update in one pass per tensor (4× less memory
         # traffic than the default per-op implementation); CPU and CUDA have one.
         fused = device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(), betas=(0.9, 0.999), eps=6.25e-10,
-                                          fused=fused)
+        # The fused kernel copies strided tensors in and out, so a column-major W_enc
+        # (sparse_ops) is handed to Adam as its contiguous transpose, sharing memory.
+        self.optimized = {name: _contiguous_alias(p) for name, p in sae.named_parameters()}
+        self.optimizer = torch.optim.Adam(list(self.optimized.values()), lr=cfg.resolved_lr(), betas=(0.9, 0.999),
+                                          eps=6.25e-10, fused=fused)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
         self.step_count = 0
         self.tokens_seen = 0
@@ -110,6 +120,10 @@ class SAETrainer:
         self._remove_parallel_decoder_grad()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        for name, param in sae.named_parameters():
+            alias = self.optimized[name]
+            if alias is not param:
+                alias.grad = None if param.grad is None else param.grad.T
         self.optimizer.step()
         with torch.no_grad():
             sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -159,7 +173,7 @@ class SAETrainer:
         state = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         state["tokens_since_fired"] = self.tokens_since_fired
         for name, param in self.sae.named_parameters():
-            opt = self.optimizer.state.get(param, {})
+            opt = self.optimizer.state.get(self.optimized[name], {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in opt:
                     state[f"adam.{name}.{key}"] = torch.as_tensor(opt[key])
@@ -170,12 +184,11 @@ class SAETrainer:
         device = self.sae.W_dec.device
         self.sae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("sae.")})
         self.tokens_since_fired = state["tokens_since_fired"].to(device)
-        for name, param in self.sae.named_parameters():
+        for name, param in self.optimized.items():
             if f"adam.{name}.exp_avg" in state:
                 self.optimizer.state[param] = {
                     "step": state[f"adam.{name}.step"].clone(),
-                    # empty_like: the moments take the parameter's memory layout (W_enc is
-                    # column-major), which the fused Adam kernel expects.
+                    # empty_like: the moments take the layout of the tensor Adam updates.
                     "exp_avg": torch.empty_like(param).copy_(state[f"adam.{name}.exp_avg"]),
                     "exp_avg_sq": torch.empty_like(param).copy_(state[f"adam.{name}.exp_avg_sq"]),
                 }
