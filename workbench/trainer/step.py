@@ -114,7 +114,7 @@ class SAETrainer:
         recon = sae.reconstruction_loss(x, result) / variance
         aux = self.aux_loss(x, result.x_hat, result.pre_acts) / variance
         loss = recon + cfg.aux_alpha * aux
-        self.optimizer.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)  # the module: its W_enc is not the tensor Adam holds
         loss.backward()
         self._average_gradients_across_ranks()
         self._remove_parallel_decoder_grad()
