@@ -1,0 +1,189 @@
+"""PPL-p% sparsity (Luo et al. 2024, "Sparsing Law", §3.1; CETT from Zhang et al. 2024).
+
+One global CETT c sets every layer's threshold: ε_ℓ(c) is the layer threshold whose CETT
+on dense activations is c (``cett_threshold``), and the entries with ‖n_i‖ < ε_ℓ are zeroed
+in all layers at once. c is searched so that the perplexity ratio of the sparsified model
+to the dense one is 1 + p; the activation ratio (the fraction of x1 entries left nonzero)
+at that c is the model's PPL-p% activation ratio.
+
+Cost. The thresholds come from cached dense activations (no forward pass). Only the
+perplexity needs the model, and one pass over the evaluation tokens scores several
+settings at once: the batch is repeated once per setting, each copy masked with its own
+thresholds, so the dense reference and three candidates share one pass. The candidates
+are placed by interpolating the loss gap inside the bracket found so far (regula falsi on
+log-perplexity), which converges in a few passes; ``PPLSearch`` keeps every evaluated c,
+so solving for p = 1%, 5% and 10% reuses the passes made for each other.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .cett import cett_threshold
+from .mlp import describe_mlps
+from .sources import ModelSource
+
+DEFAULT_CALIBRATION_TOKENS = 8192
+DEFAULT_TOLERANCE = 5e-4  # |ratio − (1 + p)| accepted: a quarter of the ±0.2 pp the method is held to
+
+
+@dataclass
+class Evaluation:
+    """One setting scored on the evaluation tokens."""
+
+    cett: float
+    loss: float  # mean next-token loss (nats)
+    layer_activation_ratio: list[float]
+
+
+@dataclass
+class PPLSparsity:
+    """The result for one p: the CETT found, its perplexity ratio and activation ratios."""
+
+    p: float
+    cett: float
+    ppl_ratio: float
+    activation_ratio: float
+    """Overall fraction of x1 entries left nonzero (all layers, all evaluation tokens)."""
+    layer_activation_ratio: list[float]
+    layer_thresholds: list[float]
+    """ε_ℓ: the magnitude threshold ‖n_i‖ < ε_ℓ drops neuron i (ε_ℓ/‖W_out[:, i]‖ on |x1_i|)."""
+    dense_loss: float
+    sparse_loss: float
+    passes: int
+    """Forward passes over the evaluation tokens so far (shared by every p solved by one search)."""
+    settings_evaluated: int
+    seconds: float
+    dense_activation_ratio: list[float] = field(default_factory=list)
+    """Per layer, the fraction of x1 entries nonzero in the dense model (ReLU zeros)."""
+
+    def table(self) -> list[dict]:
+        return [{"layer": layer, "threshold": eps, "activation_ratio": ratio, "dense_activation_ratio": dense}
+                for layer, (eps, ratio, dense) in enumerate(zip(self.layer_thresholds, self.layer_activation_ratio,
+                                                                  self.dense_activation_ratio or [math.nan] * len(self.layer_thresholds)))]
+
+
+class PPLSearch:
+    """Finds the global CETT for PPL-p% on ``tokens`` [n_seq, seq_len]; several p share its passes."""
+
+    def __init__(self, model, tokens: Tensor, calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                 settings_per_pass: int = 4, batch_size: int = 8):
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [n_seq, seq_len ≥ 2], got shape {tuple(tokens.shape)}")
+        if settings_per_pass < 2:
+            raise ValueError("settings_per_pass must be at least 2 (the dense reference and one candidate)")
+        self.model, self.tokens = model, tokens
+        self.sites = describe_mlps(model)
+        if not self.sites:
+            raise ValueError("the model has no MLPs to sparsify")
+        self.settings_per_pass, self.batch_size = settings_per_pass, batch_size
+        self.norms = [site.w_out_norms.to(model.cfg.device) for site in self.sites]
+        started = time.perf_counter()
+        names = [site.hook_post for site in self.sites]
+        # Calibrate from the first sequences (dense activations, no hooks).
+        self.x1 = ModelSource(model, tokens, batch_size=16).collect(names, calibration_tokens)
+        self._thresholds: dict[float, list[float]] = {}
+        self.evaluations: dict[float, Evaluation] = {}
+        self.passes = 0
+        self.seconds = time.perf_counter() - started
+
+    # --- thresholds --------------------------------------------------------------------
+    def thresholds(self, c: float) -> list[float]:
+        """ε_ℓ(c) for every layer: the threshold whose CETT on the calibration activations is c."""
+        if c not in self._thresholds:
+            self._thresholds[c] = [0.0 if c == 0 else cett_threshold(self.x1[site.hook_post], site.w_out, c)
+                                   for site in self.sites]
+        return self._thresholds[c]
+
+    # --- one pass, several settings ------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, cetts: list[float]) -> list[Evaluation]:
+        """Mean loss and per-layer activation ratio of each global CETT (0 = dense), in one pass."""
+        started = time.perf_counter()
+        todo = [c for c in dict.fromkeys(cetts) if c not in self.evaluations]
+        if todo:
+            device = self.model.cfg.device
+            copies = len(todo)
+            # [copies, d_mlp] activation-space thresholds ε_ℓ / ‖W_out[:, i]‖ per layer.
+            per_layer = [torch.stack([self.thresholds(c)[site.layer] / self.norms[site.layer] for c in todo])
+                         for site in self.sites]
+            kept = torch.zeros(copies, len(self.sites), dtype=torch.float64)
+            loss = torch.zeros(copies, dtype=torch.float64)
+            entries = 0
+
+            def mask(layer: int):
+                def hook(x1, hook):
+                    shaped = x1.view(copies, -1, *x1.shape[1:])
+                    keep = (shaped.abs() >= per_layer[layer].view(copies, 1, 1, -1)) & (shaped != 0)
+                    kept[:, layer] += keep.flatten(1).sum(1).double().cpu()
+                    return (shaped * keep).view_as(x1)
+                return hook
+
+            hooks = [(site.hook_post, mask(site.layer)) for site in self.sites]
+            n_tokens = 0
+            for start in range(0, self.tokens.shape[0], self.batch_size):
+                batch = self.tokens[start:start + self.batch_size].to(device)
+                repeated = batch.repeat(copies, 1)
+                per_token = self.model.run_with_hooks(repeated, return_type="loss", loss_per_token=True, fwd_hooks=hooks)
+                loss += per_token.view(copies, -1).double().sum(1).cpu()
+                n_tokens += per_token[: batch.shape[0]].numel()
+                entries += batch.numel()
+            self.passes += 1
+            for i, c in enumerate(todo):
+                ratios = (kept[i] / (entries * torch.tensor([s.d_mlp for s in self.sites]))).tolist()
+                self.evaluations[c] = Evaluation(c, float(loss[i]) / n_tokens, ratios)
+        self.seconds += time.perf_counter() - started
+        return [self.evaluations[c] for c in cetts]
+
+    # --- the search ----------------------------------------------------------------------
+    def solve(self, p: float = 0.01, tolerance: float = DEFAULT_TOLERANCE, max_passes: int = 12) -> PPLSparsity:
+        """The global CETT whose perplexity ratio is 1 + p (within ``tolerance``)."""
+        if not 0 < p < 10:
+            raise ValueError(f"p is a relative perplexity increase such as 0.01 (1%), got {p}")
+        target = math.log1p(p)
+        if 0.0 not in self.evaluations:  # the dense reference, with first guesses in the same pass
+            self.evaluate([0.0] + [0.04 * 3 ** i for i in range(self.settings_per_pass - 1)])
+        dense = self.evaluations[0.0]
+        gap = lambda c: self.evaluations[c].loss - dense.loss - target  # noqa: E731  (log ppl ratio − log(1+p))
+        for _ in range(max_passes):
+            best = min(self.evaluations, key=lambda c: abs(math.expm1(self.evaluations[c].loss - dense.loss) - p))
+            if abs(math.expm1(self.evaluations[best].loss - dense.loss) - p) <= tolerance:
+                break
+            below = [c for c in self.evaluations if gap(c) < 0]
+            above = [c for c in self.evaluations if gap(c) > 0]
+            lo = max(below)
+            hi = min((c for c in above if c > lo), default=None)
+            self.evaluate(self._candidates(lo, gap(lo), hi, gap(hi) if hi is not None else None))
+        best = min(self.evaluations, key=lambda c: abs(math.expm1(self.evaluations[c].loss - dense.loss) - p))
+        found = self.evaluations[best]
+        counts = [s.d_mlp for s in self.sites]
+        return PPLSparsity(
+            p=p, cett=best, ppl_ratio=math.exp(found.loss - dense.loss),
+            activation_ratio=sum(r * n for r, n in zip(found.layer_activation_ratio, counts)) / sum(counts),
+            layer_activation_ratio=found.layer_activation_ratio, layer_thresholds=self.thresholds(best),
+            dense_loss=dense.loss, sparse_loss=found.loss, passes=self.passes,
+            settings_evaluated=len(self.evaluations), seconds=self.seconds,
+            dense_activation_ratio=dense.layer_activation_ratio)
+
+    def _candidates(self, lo: float, gap_lo: float, hi: float | None, gap_hi: float | None) -> list[float]:
+        """Settings for the next pass, inside (lo, hi): the interpolated root and points around it."""
+        n = self.settings_per_pass
+        if hi is None:  # no upper bracket yet: spread geometrically up to CETT 1
+            return [min(1.0, max(lo, 0.02) * 2.5 ** (i + 1)) for i in range(n)]
+        root = lo + (hi - lo) * (-gap_lo) / (gap_hi - gap_lo)
+        width = (hi - lo) / (2 * n)
+        return sorted({min(hi - 1e-6, max(lo + 1e-6, root + width * (i - (n - 1) / 2))) for i in range(n)})
+
+
+def ppl_p_sparsity(model, tokens: Tensor, p: float = 0.01, **kwargs) -> PPLSparsity:
+    """PPL-p% sparsity of ``model`` on ``tokens`` [n_seq, seq_len]: the global CETT whose
+    perplexity ratio to the dense model is 1 + p, its ``ppl_ratio``, and the
+    ``activation_ratio`` overall and per layer (Luo et al. 2024)."""
+    solve_keys = {"tolerance", "max_passes"}
+    search = PPLSearch(model, tokens, **{k: v for k, v in kwargs.items() if k not in solve_keys})
+    return search.solve(p, **{k: v for k, v in kwargs.items() if k in solve_keys})
