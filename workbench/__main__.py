@@ -2,7 +2,7 @@
 
 Commands: ``demo`` (the end-to-end tour on the offline default model), ``models`` (the
 offline zoo), ``cache`` (activations and gradients to disk; works under torchrun) and
-``train`` (SAEs on a cached hook).
+``train`` (SAEs on a cached hook) and ``sparsity`` (the activation-sparsity study).
 Zoo training lives in ``python -m workbench.zoo``.
 """
 
@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> None:
     cache.add_argument("--seq-len", type=int, default=128)
     cache.add_argument("--corpus", default="stdlib", help="'stdlib', a local text file/folder, or an HF dataset")
     cache.add_argument("--split", default="train", choices=["train", "val"])
+    sparsity = sub.add_parser("sparsity", help="activation sparsity of zoo models: lazy neurons, PPL-p%%, "
+                                                 "training-free methods, Sparsing Law")
+    sparsity.add_argument("--models", nargs="+", default=["stdlib-relu", "stdlib-gelu", "stdlib-swiglu"])
+    sparsity.add_argument("--parts", nargs="+", default=["lazy", "ppl", "curves", "law"],
+                          choices=["lazy", "ppl", "curves", "law"])
+    sparsity.add_argument("--p", nargs="+", type=float, default=[0.01, 0.05, 0.1], help="PPL-p%% targets (0.01 = 1%%)")
+    sparsity.add_argument("--methods", nargs="+", default=None, help="training-free methods for the curves (default: all)")
+    sparsity.add_argument("--eval-tokens", type=int, default=32_768, help="validation tokens for perplexity")
+    sparsity.add_argument("--calibration-tokens", type=int, default=16_384, help="other validation tokens for thresholds")
+    sparsity.add_argument("--out", default="figures", help="folder for the figures")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("workbench").setLevel(logging.INFO)  # ours only: not every library's INFO chatter
@@ -54,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         _cache(args)
     elif args.command == "train":
         _train(args)
+    elif args.command == "sparsity":
+        from .sparsity.report import run_study
+
+        run_study(args.models, parts=args.parts, eval_tokens=args.eval_tokens, calibration_tokens=args.calibration_tokens,
+                  ps=tuple(args.p), methods=args.methods, out_dir=args.out, say=lambda title, text: print(f"\n## {title}\n\n{text}"))
     elif args.command == "models":
         from . import list_models, model_card
 

@@ -79,6 +79,24 @@ def _sae_stage(model, cache_path: str, hook: str, out_dir) -> dict:
     return {"saes": rows}
 
 
+def _sparsity_stage(out_dir) -> dict:
+    """Activation sparsity of the three zoo models: lazy neurons, PPL-1%, two methods' curves
+    (the full study: ``python -m workbench sparsity``)."""
+    from workbench.sparsity.report import run_study
+
+    started = time.perf_counter()
+    small = quick_mode()
+    tables = run_study(["stdlib-relu", "stdlib-gelu", "stdlib-swiglu"], parts=("lazy", "ppl", "curves"),
+                       eval_tokens=2_048 if small else 16_384, calibration_tokens=2_048 if small else 8_192,
+                       ps=(0.01,), methods=("cats", "wina"), targets=(0.5, 0.8), out_dir=out_dir,
+                       say=lambda title, text: [_say("sparsity", line) for line in f"{title}\n{text}".splitlines()])
+    ratios = {row["model"]: row["activation_ratio"] for row in tables["ppl"]}
+    _say("sparsity", f"activation ratio at PPL-1%: ReLU {ratios['stdlib-relu']:.3f} vs SiLU (SwiGLU) "
+         f"{ratios['stdlib-swiglu']:.3f} (the Sparsing Law direction: ReLU is sparser); "
+         f"{time.perf_counter() - started:.1f} s")
+    return {"sparsity_ppl": tables["ppl"]}
+
+
 def run_demo(out_dir: str | Path = "figures") -> dict:
     """Run every stage of the tour; returns the measured numbers (also printed)."""
     import workbench as wb
@@ -122,6 +140,7 @@ def run_demo(out_dir: str | Path = "figures") -> dict:
 
     results.update(_cache_stage(model, wb.DEFAULT_MODEL))
     results.update(_sae_stage(model, results["cache_path"], results["hook"], out_dir))
+    results.update(_sparsity_stage(out_dir))
 
     results["seconds"] = time.perf_counter() - started
     _say("done", f"demo finished in {results['seconds']:.1f} s")

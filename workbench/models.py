@@ -147,16 +147,19 @@ def _load_zoo_model(name: str, device: torch.device, checkpoint: str | Path | No
 
 
 def zoo_checkpoints(name: str) -> list[tuple[int, Path]]:
-    """(tokens seen, path) of each intermediate checkpoint of a zoo model, in training order.
+    """(tokens seen, path) of each training checkpoint of a zoo model, in training order.
 
-    Checkpoints are written by ``python -m workbench.zoo train NAME`` and are not shipped.
+    A few are shipped beside the weights (``data/zoo/NAME/checkpoints/``, for the
+    Sparsing-Law curves); ``python -m workbench.zoo train NAME`` writes all of them to
+    ``data/checkpoints/NAME/``. Where both have a point, the local one is listed.
     """
     from safetensors import safe_open
 
     from .paths import checkpoints_dir
 
-    found = []
-    for path in sorted((checkpoints_dir() / name).glob("step*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            found.append((int(handle.metadata()["tokens_seen"]), path))
-    return found
+    found: dict[int, Path] = {}
+    for folder in (_zoo_dir() / name / "checkpoints", checkpoints_dir() / name):
+        for path in sorted(folder.glob("step*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                found[int(handle.metadata()["tokens_seen"])] = path
+    return sorted(found.items())

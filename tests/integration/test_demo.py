@@ -13,7 +13,9 @@ def test_demo_runs_every_stage(tmp_path):
                             env={**os.environ, "WORKBENCH_QUICK": "1"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = {line.split("]", 1)[0].lstrip("[") for line in result.stdout.splitlines() if line.startswith("[")}
-    assert {"zoo", "model", "eval", "prompt", "figure", "cache", "sae", "done"} <= stages
+    assert {"zoo", "model", "eval", "prompt", "figure", "cache", "sae", "sparsity", "done"} <= stages
     for arch in ("topk", "batchtopk", "matryoshka", "gradient", "hierarchical"):
         assert f"| {arch} |" in result.stdout
     assert (tmp_path / "demo_loss_per_token.pdf").exists() and (tmp_path / "demo_sae_comparison.pdf").exists()
+    assert (tmp_path / "sparsity_performance.pdf").exists()
+    assert "activation ratio at PPL-1%: ReLU" in result.stdout

@@ -204,3 +204,16 @@ def test_lazy_stats_of_a_gated_silu_mlp_use_the_gate():
     gate = cache["blocks.1.mlp.hook_pre"].reshape(-1, 64)
     assert stats[1].positive_pre_fraction == pytest.approx(float((gate > 0).double().mean()), abs=1e-9)
     assert stats[1].nonzero_fraction == 1.0  # SiLU is never exactly zero
+
+
+def test_cett_curve_matches_cett_at_each_threshold():
+    from workbench.sparsity.cett import cett_curve
+
+    generator = torch.Generator().manual_seed(3)
+    x1 = torch.randn(300, 24, generator=generator).relu()
+    w_out = torch.randn(24, 8, generator=generator)
+    grid = torch.tensor([0.0, 0.1, 0.5, 1.0, 3.0, 100.0])
+    curve = cett_curve(x1, w_out, grid, chunk_tokens=64)
+    expected = torch.tensor([cett(x1, w_out, float(t)) for t in grid])
+    torch.testing.assert_close(curve, expected.float(), rtol=1e-4, atol=1e-5)  # float32 vs float64
+    assert curve[0] == 0 and curve[-1] == pytest.approx(1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 from ..evals import downstream_metrics, reconstruction_metrics
+from ..tables import markdown_table
 
 
 def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8, batch_size: int = 4096) -> list[dict]:
@@ -29,10 +30,7 @@ def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8,
 def comparison_table(rows: list[dict]) -> str:
     """Markdown table of ``compare_saes`` rows."""
     keys = [k for k in ("architecture", "k", "d_sae", "l0", "fvu", "dead_fraction", "ce_spliced", "ce_recovered_vs_zero", "kl") if k in rows[0]]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(row[k]) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, keys)
 
 
 def plot_comparison(rows: list[dict], width: str | float = "double"):

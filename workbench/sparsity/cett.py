@@ -99,6 +99,27 @@ def cett(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_mlp d_model"
     return _CETTCurve(x1, w_out, chunk_tokens)(threshold)
 
 
+def cett_curve(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_mlp d_model"], thresholds: Tensor,
+               chunk_tokens: int = 256) -> Tensor:
+    """CETT at many thresholds at once (float32): per chunk of tokens, one batched matmul
+    of the x1 masked at every threshold. Searches that need ε(c) at many c (``ppl``)
+    interpolate this curve instead of bisecting per c (a pass over the tokens per step).
+    Memory: len(thresholds) · chunk · d_mlp floats."""
+    w = w_out.to(x1.device, torch.float32)
+    norms = w.norm(dim=1)
+    grid = thresholds.to(x1.device, torch.float32).view(-1, 1, 1)
+    total = torch.zeros(grid.shape[0], dtype=torch.float64)
+    n_valid = 0
+    for chunk in x1.float().split(chunk_tokens):
+        full = (chunk @ w).norm(dim=1)
+        valid = full > 0
+        tails = chunk * ((chunk.abs() * norms) < grid)  # [grid, tokens, d_mlp]: x1 masked to D
+        ratios = (tails @ w).norm(dim=-1)[:, valid] / full[valid]
+        total += ratios.double().sum(1)
+        n_valid += int(valid.sum())
+    return (total / n_valid).float() if n_valid else torch.full((grid.shape[0],), math.nan)
+
+
 def cett_threshold(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_mlp d_model"], target_cett: float,
                    rtol: float = 1e-4, max_iter: int = 100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> float:
     """The layer threshold ε whose CETT meets ``target_cett``, by bisection on dense activations.

@@ -150,7 +150,7 @@ class SparsityMethod:
                 values = self.fit_site(site, acts, target, thresholds.extras)
                 thresholds.values.update(values)
                 thresholds.realised.update(_realised(self.masks(site, values), acts))
-                log.info("%s layer %d: realised %s", self.name, site.layer, {k: thresholds.realised[k] for k in values})
+                log.debug("%s layer %d: realised %s", self.name, site.layer, {k: thresholds.realised[k] for k in values})
             thresholds.n_tokens = next(iter(acts.values())).shape[0]
             del acts
         return thresholds

@@ -1,0 +1,131 @@
+"""The activation-sparsity study over the zoo, as tables (lists of dicts) and figures.
+
+What the CLI (``python -m workbench sparsity``), notebook 04 and the demo print:
+
+1. lazy neurons per model and layer (Li et al. 2022), and along training checkpoints;
+2. PPL-p% sparsity per model (Luo et al. 2024) for p = 1%, 5%, 10%;
+3. sparsity–performance curves of every training-free method (``curves``);
+4. the Sparsing-Law trend: activation ratio at PPL-1% vs training tokens (``curves``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .lazy import lazy_neuron_stats
+from .ppl import PPLSearch
+
+PS = (0.01, 0.05, 0.1)
+
+
+def lazy_table(models: dict, tokens: Tensor, eps: float = 1e-2) -> list[dict]:
+    """One row per (model, layer): Li et al.'s nonzero fraction, the positive-pre-activation
+    and |h| < eps fractions, dead and always-on neurons. ``models``: name → model."""
+    rows = []
+    for name, model in models.items():
+        for stats in lazy_neuron_stats((model, tokens), eps=eps):
+            rows.append({"model": name, **stats.table()})
+    return rows
+
+
+def lazy_over_training(name: str, tokens: Tensor, eps: float = 1e-2, device=None) -> list[dict]:
+    """Mean (over layers) nonzero and positive-pre-activation fractions at each training
+    checkpoint of zoo model ``name`` and its final weights: the emergence of sparsity."""
+    from ..models import load_model, model_card, zoo_checkpoints
+
+    points: list = zoo_checkpoints(name)
+    final = model_card(name).tokens_seen
+    if not points or points[-1][0] < final:
+        points.append((final, None))
+    rows = []
+    for tokens_seen, path in points:
+        stats = lazy_neuron_stats((load_model(name, device=device, checkpoint=path), tokens), eps=eps)
+        rows.append({"model": name, "tokens_seen": tokens_seen,
+                     "nonzero_fraction": sum(s.nonzero_fraction for s in stats) / len(stats),
+                     "positive_pre_fraction": sum(s.positive_pre_fraction for s in stats) / len(stats),
+                     "dead_fraction": sum(len(s.dead) for s in stats) / sum(s.d_mlp for s in stats)})
+    return rows
+
+
+def ppl_table(models: dict, tokens: Tensor, ps=PS, **search) -> list[dict]:
+    """One row per (model, p): the global CETT, its perplexity ratio, the activation ratio
+    overall and per layer, and what the search cost (passes over ``tokens``, seconds)."""
+    rows = []
+    for name, model in models.items():
+        searcher = PPLSearch(model, tokens, **search)
+        for p in ps:
+            result = searcher.solve(p)
+            rows.append({"model": name, "p": p, "cett": result.cett, "ppl_ratio": result.ppl_ratio,
+                         "activation_ratio": result.activation_ratio,
+                         "layer_activation_ratio": [round(r, 4) for r in result.layer_activation_ratio],
+                         "passes": result.passes, "seconds": result.seconds})
+    return rows
+
+
+def plot_lazy_over_training(rows: list[dict], width: str | float = "single"):
+    """Nonzero (ReLU) / positive-pre-activation fraction vs training tokens, one line per model."""
+    from ..figures import paper_figure, paper_style
+
+    with paper_style():
+        fig, ax = paper_figure(width)
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["tokens_seen"])
+            ax.plot([r["tokens_seen"] / 1e6 for r in mine], [r["positive_pre_fraction"] for r in mine], marker="o", label=model)
+        ax.set(xlabel="training tokens (millions)", ylabel="fraction of positive pre-activations")
+        ax.legend()
+        fig.tight_layout()
+    return fig
+
+
+STUDY_PARTS = ("lazy", "ppl", "curves", "law")
+
+
+def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, calibration_tokens: int = 16_384,
+              ps=PS, methods=None, targets=None, out_dir="figures", say=print) -> dict[str, list[dict]]:
+    """The whole study on zoo models ``names``: each part's table printed with ``say`` and
+    its figure saved to ``out_dir``. Evaluation and calibration tokens are disjoint slices
+    of the validation split. Returns the tables by part."""
+    from ..data import load_tokens
+    from ..figures import save_figure
+    from ..models import load_model
+    from ..tables import markdown_table
+    from . import curves
+
+    unknown = [p for p in parts if p not in STUDY_PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; choose from {STUDY_PARTS}")
+    val = load_tokens("stdlib", "val")
+    seq = val.shape[1]
+    evaluation = val[: max(1, eval_tokens // seq)]
+    calibration = val[evaluation.shape[0]: evaluation.shape[0] + max(1, calibration_tokens // seq)]
+    models = {name: load_model(name) for name in names}
+    tables: dict[str, list[dict]] = {}
+    if "lazy" in parts:
+        tables["lazy"] = lazy_table(models, evaluation)
+        say("lazy neurons (Li et al. 2022), per layer", markdown_table(tables["lazy"]))
+    if "ppl" in parts:
+        tables["ppl"] = ppl_table(models, evaluation, ps=ps, calibration_tokens=calibration_tokens)
+        say("PPL-p% sparsity (Luo et al. 2024): one global CETT, all layers masked together",
+            markdown_table(tables["ppl"]))
+    if "curves" in parts:
+        rows = []
+        for name, model in models.items():
+            rows += curves.sparsity_performance(model, evaluation, calibration, model_name=name,
+                                                **({"methods": methods} if methods else {}),
+                                                **({"targets": targets} if targets else {}))
+        tables["curves"] = rows
+        say("training-free methods: perplexity ratio vs activation ratio", markdown_table(rows))
+        paths = save_figure(curves.plot_sparsity_performance(rows), "sparsity_performance", out_dir=out_dir)
+        say("figure", ", ".join(str(p) for p in paths))
+    if "law" in parts:
+        rows, lazy_rows = [], []
+        for name in names:
+            rows += curves.sparsing_law(name, evaluation, p=ps[0], calibration_tokens=calibration_tokens)
+            lazy_rows += lazy_over_training(name, evaluation)
+        tables["law"], tables["lazy_training"] = rows, lazy_rows
+        say(f"Sparsing Law: activation ratio at PPL-{ps[0]:.0%} along training", markdown_table(rows))
+        say("lazy neurons along training", markdown_table(lazy_rows))
+        paths = save_figure(curves.plot_sparsing_law(rows, p=ps[0]), "sparsing_law", out_dir=out_dir)
+        paths += save_figure(plot_lazy_over_training(lazy_rows), "lazy_over_training", out_dir=out_dir)
+        say("figures", ", ".join(str(p) for p in paths))
+    return tables
