@@ -75,7 +75,7 @@ def report(results: dict, clean: float, n_train: int, n_val: int) -> str:
         for (name, kk, mode), values in results.items():
             if kk != k:
                 continue
-            selection = "z (TopK)" if name == "topk" else ("z⊙(1+β|W_dec g|), clean g" if mode == "clean g" else "z alone (no g)")
+            selection = "z (TopK)" if name == "topk" else ("z ⊙ (1 + β·abs(W_dec g)), clean g" if mode == "clean g" else "z alone (no g)")
             delta = [v - b for v, b in zip(values, base)]
             rows.append([k, name, selection, " / ".join(f"{v:.4f}" for v in values), f"{statistics.mean(values):.4f}",
                          "—" if name == "topk" else f"{statistics.mean(delta):+.4f}"])

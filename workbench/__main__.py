@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     cache.add_argument("--corpus", default="stdlib", help="'stdlib', a local text file/folder, or an HF dataset")
     cache.add_argument("--split", default="train", choices=["train", "val"])
     sparsity = sub.add_parser("sparsity", help="activation sparsity of zoo models: lazy neurons, PPL-p%%, "
-                                                 "training-free methods, Sparsing Law")
+                                                 "training-free methods, Sparsing Law, ProSparse")
     sparsity.add_argument("--models", nargs="+", default=["stdlib-relu", "stdlib-gelu", "stdlib-swiglu"])
-    sparsity.add_argument("--parts", nargs="+", default=["lazy", "ppl", "curves", "law"],
-                          choices=["lazy", "ppl", "curves", "law"])
+    sparsity.add_argument("--parts", nargs="+", default=["lazy", "ppl", "curves", "law", "prosparse"],
+                          choices=["lazy", "ppl", "curves", "law", "prosparse"])
     sparsity.add_argument("--p", nargs="+", type=float, default=[0.01, 0.05, 0.1], help="PPL-p%% targets (0.01 = 1%%)")
     sparsity.add_argument("--methods", nargs="+", default=None, help="training-free methods for the curves (default: all)")
     sparsity.add_argument("--eval-tokens", type=int, default=32_768, help="validation tokens for perplexity")

@@ -80,8 +80,9 @@ def _sae_stage(model, cache_path: str, hook: str, out_dir) -> dict:
 
 
 def _sparsity_stage(out_dir) -> dict:
-    """Activation sparsity of the three zoo models: lazy neurons, PPL-1%, two methods' curves
-    (the full study: ``python -m workbench sparsity``)."""
+    """Activation sparsity of the three zoo models: lazy neurons, PPL-1%, two methods' curves,
+    and ProSparse on the default model (the full study: ``python -m workbench sparsity``)."""
+    import workbench as wb
     from workbench.sparsity.report import run_study
 
     started = time.perf_counter()
@@ -90,11 +91,16 @@ def _sparsity_stage(out_dir) -> dict:
                        eval_tokens=2_048 if small else 16_384, calibration_tokens=2_048 if small else 8_192,
                        ps=(0.01,), methods=("cats", "wina"), targets=(0.5, 0.8), out_dir=out_dir,
                        say=lambda title, text: [_say("sparsity", line) for line in f"{title}\n{text}".splitlines()])
+    tables.update(run_study([wb.DEFAULT_MODEL], parts=("prosparse",), out_dir=out_dir,
+                            say=lambda title, text: [_say("prosparse", line) for line in f"{title}\n{text}".splitlines()]))
     ratios = {row["model"]: row["activation_ratio"] for row in tables["ppl"]}
     _say("sparsity", f"activation ratio at PPL-1%: ReLU {ratios['stdlib-relu']:.3f} vs SiLU (SwiGLU) "
          f"{ratios['stdlib-swiglu']:.3f} (the Sparsing Law direction: ReLU is sparser); "
          f"{time.perf_counter() - started:.1f} s")
-    return {"sparsity_ppl": tables["ppl"]}
+    prosparse = {row["model"]: row for row in tables["prosparse"]}
+    _say("prosparse", f"{wb.DEFAULT_MODEL}: activation ratio {prosparse['original']['activation_ratio']:.3f} → "
+         f"{prosparse['prosparse']['activation_ratio']:.3f} at perplexity ×{prosparse['prosparse']['ppl_ratio']:.3f}")
+    return {"sparsity_ppl": tables["ppl"], "prosparse": tables["prosparse"]}
 
 
 def run_demo(out_dir: str | Path = "figures") -> dict:

@@ -5,7 +5,8 @@ What the CLI (``python -m workbench sparsity``), notebook 04 and the demo print:
 1. lazy neurons per model and layer (Li et al. 2022), and along training checkpoints;
 2. PPL-p% sparsity per model (Luo et al. 2024) for p = 1%, 5%, 10%;
 3. sparsity–performance curves of every training-free method (``curves``);
-4. the Sparsing-Law trend: activation ratio at PPL-1% vs training tokens (``curves``).
+4. the Sparsing-Law trend: activation ratio at PPL-1% vs training tokens (``curves``);
+5. ProSparse fine-tuning: sparsity gained and perplexity cost (``workbench.zoo.prosparse``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def plot_lazy_over_training(rows: list[dict], width: str | float = "single"):
     return fig
 
 
-STUDY_PARTS = ("lazy", "ppl", "curves", "law")
+STUDY_PARTS = ("lazy", "ppl", "curves", "law", "prosparse")
 
 
 def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, calibration_tokens: int = 16_384,
@@ -128,4 +129,14 @@ def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, ca
         paths = save_figure(curves.plot_sparsing_law(rows, p=ps[0]), "sparsing_law", out_dir=out_dir)
         paths += save_figure(plot_lazy_over_training(lazy_rows), "lazy_over_training", out_dir=out_dir)
         say("figures", ", ".join(str(p) for p in paths))
+    if "prosparse" in parts:
+        from ..zoo.prosparse import ProSparseConfig, prosparse
+
+        rows = []
+        for name in names:
+            result = prosparse(name, ProSparseConfig(fatrelu_threshold=0.01), progress=False)
+            rows += [{"base": name, **row} for row in result.table()]
+        tables["prosparse"] = rows
+        say("ProSparse (Song et al. 2024): ReLU swap, L1 on x1 rising along sine stages, FATReLU",
+            markdown_table(rows))
     return tables
