@@ -41,19 +41,27 @@ def sparsity_performance(model, tokens: Tensor, calibration: Tensor, methods=MET
     return rows
 
 
-def sparsing_law(name: str, tokens: Tensor, p: float = 0.01, device=None, **search) -> list[dict]:
-    """Activation ratio at PPL-p% for each shipped training checkpoint of zoo model ``name``
-    (and the final model), in training order."""
-    from ..models import load_model, model_card, zoo_checkpoints
+def training_points(name: str) -> list[tuple[int, object]]:
+    """(tokens seen, checkpoint path) along zoo model ``name``'s training, ending with its
+    shipped weights (path None) when the last checkpoint is not shipped."""
+    from ..models import model_card, zoo_checkpoints
 
-    rows = []
     points: list = zoo_checkpoints(name)
     if not points:
         raise FileNotFoundError(f"{name} has no training checkpoints; train it with `python -m workbench.zoo train {name}`")
     final = model_card(name).tokens_seen
-    if points[-1][0] < final:  # the shipped weights are the last point (the last checkpoint is not shipped)
+    if points[-1][0] < final:
         points.append((final, None))
-    for tokens_seen, path in points:
+    return points
+
+
+def sparsing_law(name: str, tokens: Tensor, p: float = 0.01, device=None, **search) -> list[dict]:
+    """Activation ratio at PPL-p% for each shipped training checkpoint of zoo model ``name``
+    (and the final model), in training order."""
+    from ..models import load_model
+
+    rows = []
+    for tokens_seen, path in training_points(name):
         result = ppl_p_sparsity(load_model(name, device=device, checkpoint=path), tokens, p=p, **search)
         rows.append({"model": name, "tokens_seen": tokens_seen, "activation_ratio": result.activation_ratio,
                      "cett": result.cett, "ppl_ratio": result.ppl_ratio, "dense_loss": result.dense_loss})

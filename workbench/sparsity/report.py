@@ -32,14 +32,11 @@ def lazy_table(models: dict, tokens: Tensor, eps: float = 1e-2) -> list[dict]:
 def lazy_over_training(name: str, tokens: Tensor, eps: float = 1e-2, device=None) -> list[dict]:
     """Mean (over layers) nonzero and positive-pre-activation fractions at each training
     checkpoint of zoo model ``name`` and its final weights: the emergence of sparsity."""
-    from ..models import load_model, model_card, zoo_checkpoints
+    from ..models import load_model
+    from .curves import training_points
 
-    points: list = zoo_checkpoints(name)
-    final = model_card(name).tokens_seen
-    if not points or points[-1][0] < final:
-        points.append((final, None))
     rows = []
-    for tokens_seen, path in points:
+    for tokens_seen, path in training_points(name):
         stats = lazy_neuron_stats((load_model(name, device=device, checkpoint=path), tokens), eps=eps)
         rows.append({"model": name, "tokens_seen": tokens_seen,
                      "nonzero_fraction": sum(s.nonzero_fraction for s in stats) / len(stats),
@@ -119,8 +116,14 @@ def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, ca
         paths = save_figure(curves.plot_sparsity_performance(rows), "sparsity_performance", out_dir=out_dir)
         say("figure", ", ".join(str(p) for p in paths))
     if "law" in parts:
+        from ..models import zoo_checkpoints
+
         rows, lazy_rows = [], []
-        for name in names:
+        with_checkpoints = [name for name in names if zoo_checkpoints(name)]
+        if len(with_checkpoints) < len(names):
+            say("Sparsing Law", f"skipped {sorted(set(names) - set(with_checkpoints))}: no training checkpoints "
+                                "(shipped for stdlib-relu and stdlib-swiglu; `python -m workbench.zoo train NAME` makes them)")
+        for name in with_checkpoints:
             rows += curves.sparsing_law(name, evaluation, p=ps[0], calibration_tokens=calibration_tokens)
             lazy_rows += lazy_over_training(name, evaluation)
         tables["law"], tables["lazy_training"] = rows, lazy_rows
