@@ -28,11 +28,6 @@ import torch
 from torch import Tensor
 
 
-def column_major(weight: Tensor) -> Tensor:
-    """The same matrix stored so each column is contiguous (a transposed view of its transpose)."""
-    return weight.T.contiguous().T
-
-
 def _row_pattern(indices: Tensor, n_cols: int, values: Tensor | None = None) -> Tensor:
     """A CSR matrix [B, n_cols] with the k entries of each row at ``indices[b]``."""
     rows, k = indices.shape

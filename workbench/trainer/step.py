@@ -29,9 +29,7 @@ class StepStats:
 
 def _contiguous_alias(param: torch.nn.Parameter) -> torch.nn.Parameter:
     """``param`` itself, or for a column-major matrix a Parameter over its transpose (same memory)."""
-    if param.is_contiguous() or param.ndim != 2 or not param.T.is_contiguous():
-        return param
-    return torch.nn.Parameter(param.data.T)
+    return param if param.is_contiguous() else torch.nn.Parameter(collective_view(param.data))
 
 
 class SAETrainer:
