@@ -7,9 +7,16 @@ downstream loss than TopK at the same L0 and width. This sweep checks it on the 
 model: one cache of the residual stream after block 2 with the loss gradient, then, from
 one pass per seed, TopK and g-SAEs with several β at k ∈ {8, 16, 32} (d_sae 2048, so the
 same width and exactly k latents per token for every SAE). Each is spliced into the model
-on held-out validation tokens; the g-SAE is scored twice: with the clean gradient at
-inference (as in training) and without it (selection by z alone, as in generation).
-Two seeds give the run-to-run spread. Results go to the ``bench_gsae`` section of RESULTS.md.
+on held-out validation tokens. The g-SAE is scored with three selections at inference
+(``workbench.evals.GRADIENTS``), each gradient per position on the clean model:
+
+- ``labels``: ∂(−log p(next token))/∂x_t, the paper's protocol; it knows the token being
+  scored, so it leaks the answer into the selection and is not a like-for-like comparison;
+- ``entropy``: ∂H_t/∂x_t, the model's expected loss under its own prediction (label-free:
+  what a deployed g-SAE could use);
+- ``none``: z alone (what generation without a backward pass can use).
+
+Three seeds give mean ± standard deviation. Results go to the ``bench_gsae`` section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from results import machine, table, write_section  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.cache import ActivationCache, cache_activations  # noqa: E402
-from workbench.evals import downstream_metrics  # noqa: E402
+from workbench.evals import downstream_metrics, hook_gradients  # noqa: E402
 from workbench.paths import cache_dir  # noqa: E402
 
 HOOK = "blocks.2.hook_resid_post"
-D_SAE, KS, BETAS, SEEDS = 2048, (8, 16, 32), (0.25, 1.0, 4.0), (0, 1)
+D_SAE, KS, BETAS, SEEDS = 2048, (8, 16, 32), (0.25, 1.0, 4.0), (0, 1, 2)
+SELECTIONS = ("labels", "entropy", "none")
 TRAIN_TOKENS, EVAL_SEQUENCES = 1_048_576, 256
 
 
@@ -44,6 +52,9 @@ def main() -> None:
     print(f"cache: {cache.n_tokens:,} rows with gradients in {time.perf_counter() - started:.0f} s", flush=True)
     val = wb.load_tokens("stdlib", "val", n_tokens=EVAL_SEQUENCES * model.cfg.n_ctx)
 
+    started = time.perf_counter()
+    gradients = {g: hook_gradients(model, val, HOOK, g) for g in SELECTIONS if g != "none"}
+    print(f"inference gradients ({', '.join(gradients)}) in {time.perf_counter() - started:.0f} s", flush=True)
     results: dict[tuple, list[float]] = {}
     for seed in SEEDS:
         configs = []
@@ -57,36 +68,47 @@ def main() -> None:
         print(f"seed {seed}: trained {len(saes)} SAEs in {time.perf_counter() - started:.0f} s", flush=True)
         for cfg, sae in zip(configs, saes):
             beta = cfg.sae_kwargs.get("beta")
-            results.setdefault(("topk" if beta is None else f"g-SAE β={beta}", cfg.k, "clean g"), []).append(
-                downstream_metrics(model, sae, val).ce_spliced)
-            if beta is not None:
-                results.setdefault((f"g-SAE β={beta}", cfg.k, "no g"), []).append(
-                    downstream_metrics(model, sae, val, use_gradient=False).ce_spliced)
+            if beta is None:
+                results.setdefault(("topk", cfg.k, "z"), []).append(downstream_metrics(model, sae, val).ce_spliced)
+                continue
+            for selection in SELECTIONS:
+                results.setdefault((f"g-SAE β={beta}", cfg.k, selection), []).append(downstream_metrics(
+                    model, sae, val, gradient=selection, gradients=gradients.get(selection)).ce_spliced)
         print(f"seed {seed}: evaluated", flush=True)
     clean = downstream_metrics(model, saes[0], val).ce_clean
     write_section("bench_gsae", report(results, clean, cache.n_tokens, val.numel()))
     print(report(results, clean, cache.n_tokens, val.numel()))
 
 
+SELECTION_TEXT = {"z": "z (TopK)", "labels": "labels: ∂(−log p(next))/∂x_t (sees the answer)",
+                  "entropy": "label-free: ∂H_t/∂x_t", "none": "z alone (no gradient)"}
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:+.4f}"
+
+
 def report(results: dict, clean: float, n_train: int, n_val: int) -> str:
     rows = []
     for k in KS:
-        base = results[("topk", k, "clean g")]
+        base = results[("topk", k, "z")]
         for (name, kk, mode), values in results.items():
             if kk != k:
                 continue
-            selection = "z (TopK)" if name == "topk" else ("z ⊙ (1 + β·abs(W_dec g)), clean g" if mode == "clean g" else "z alone (no g)")
             delta = [v - b for v, b in zip(values, base)]
-            rows.append([k, name, selection, " / ".join(f"{v:.4f}" for v in values), f"{statistics.mean(values):.4f}",
-                         "—" if name == "topk" else f"{statistics.mean(delta):+.4f}"])
+            rows.append([k, name, SELECTION_TEXT[mode], " / ".join(f"{v:.4f}" for v in values),
+                         f"{statistics.mean(values):.4f}", "—" if name == "topk" else _mean_sd(delta)])
     return "\n".join([
         "## bench_gsae: gradient SAE vs TopK, spliced-in CE at matched L0",
         "",
         f"`.venv/bin/python benchmarks/bench_gsae.py` on {machine()}. Default model ({wb.DEFAULT_MODEL}), hook "
-        f"`{HOOK}`, d_sae {D_SAE}, {n_train:,} cached training rows (with loss gradients), library defaults "
-        f"otherwise; CE with the SAE spliced in on {n_val:,} held-out validation tokens (clean model: {clean:.4f} "
-        f"nats). Seeds {', '.join(map(str, SEEDS))} (init and batch order); Δ is against TopK of the same seed and k, "
-        "averaged over seeds (negative: the g-SAE is better).",
+        f"`{HOOK}`, d_sae {D_SAE}, {n_train:,} cached training rows (with the sequence-summed loss gradient the "
+        f"cache stores), library defaults otherwise; CE with the SAE spliced in on {n_val:,} held-out validation "
+        f"tokens (clean model: {clean:.4f} nats). The g-SAE selects at inference with a per-position gradient on the "
+        "clean model: of the next-token loss (`labels`, the paper's protocol, which sees the token being scored), "
+        "of the model's own predictive entropy (`entropy`, label-free), or with none (z alone). Seeds "
+        f"{', '.join(map(str, SEEDS))} (init and batch order); Δ is against TopK of the same seed and k: mean ± "
+        "standard deviation over seeds (negative: the g-SAE is better).",
         "",
         table(["k (= L0)", "SAE", "selection at inference", "CE per seed", "mean CE", "Δ vs TopK"], rows),
     ])

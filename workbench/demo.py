@@ -6,9 +6,10 @@ Each step prints what it did and what it measured; figures go to ``figures/``.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
+
+from .settings import quick_mode
 
 DEMO_PROMPT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""
@@ -16,11 +17,6 @@ DEMO_PROMPT = '''def fibonacci(n):
         return n
     return fibonacci(n - 1) + fibonacci(n - 2)
 '''
-
-
-def quick_mode() -> bool:
-    """True when ``WORKBENCH_QUICK`` asks for the small sizes that tests and CI use."""
-    return os.environ.get("WORKBENCH_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _say(step: str, message: str) -> None:

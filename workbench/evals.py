@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,18 +54,19 @@ def reconstruction_metrics(sae, batches) -> ReconstructionMetrics:
     l0_total = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     device = sae.W_dec.device
-    for batch in batches:
-        x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
-        x = x.to(device, torch.float32)
-        result = sae(x, **({"g": g.to(device, torch.float32)} if g is not None else {}))
-        x64 = x.double()
-        sse += float((result.x_hat.double() - x64).pow(2).sum())
-        sum_sq += float(x64.pow(2).sum())
-        sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
-        n += x.shape[0]
-        active = result.code.values > 0
-        l0_total += float(active.sum())
-        fired.index_add_(0, result.code.indices[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
+    with evaluating(sae):
+        for batch in batches:
+            x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+            x = x.to(device, torch.float32)
+            result = sae(x, **({"g": g.to(device, torch.float32)} if g is not None else {}))
+            x64 = x.double()
+            sse += float((result.x_hat.double() - x64).pow(2).sum())
+            sum_sq += float(x64.pow(2).sum())
+            sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
+            n += x.shape[0]
+            active = result.code.values > 0
+            l0_total += float(active.sum())
+            fired.index_add_(0, result.code.indices[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
     if n == 0:
         raise ValueError("no rows to evaluate")
     total_variance = sum_sq - float(sum_x.pow(2).sum()) / n  # Σ‖x − x̄‖² = Σ‖x‖² − n‖x̄‖²
@@ -91,31 +93,181 @@ class DownstreamMetrics:
         return (self.ce_mean_ablation - self.ce_spliced) / (self.ce_mean_ablation - self.ce_clean)
 
 
-def _hook_gradient(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
-    """∂(summed next-token loss)/∂(activation at hook) on the clean model, as the cache stores it."""
-    captured = {}
+GRADIENTS = ("entropy", "argmax", "labels", "none")
+"""What a gradient SAE is given at evaluation (``downstream_metrics(gradient=...)``):
 
-    def keep(act, hook):
-        captured["act"] = act
+- ``"entropy"`` (default, label-free): ∂H_t/∂x_t, H_t = Σ_y p_t(y)·(−log p_t(y)) the
+  model's expected next-token loss under its own prediction at position t;
+- ``"argmax"`` (label-free): ∂(−log p_t(argmax p_t))/∂x_t, the argmax held fixed;
+- ``"labels"``: ∂(−log p_t(token_{t+1}))/∂x_t, the paper's protocol (Olmo et al. 2024). It
+  knows the token being scored, so it leaks the answer into the selection: use it only to
+  reproduce that protocol, never as the headline number;
+- ``"none"``: no gradient, selection by z alone (the floor: what generation can use).
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, keep)]):
-        loss = model(tokens, return_type="loss", loss_per_token=True).sum()
-        return torch.autograd.grad(loss, captured["act"])[0].detach()
+Each is a per-position gradient: the objective of position t only, differentiated with
+respect to the activation at t only. A gradient of the sequence sum would let x_t's
+selection see the losses (and so the labels) of every later position through attention.
+"""
+
+
+def _position_objective(logits: torch.Tensor, tokens: torch.Tensor, objective: str) -> torch.Tensor:
+    """[batch, pos] per-position objective whose gradient the SAE selects with."""
+    log_probs = logits.float().log_softmax(-1)
+    if objective == "entropy":
+        return -(log_probs.exp() * log_probs).sum(-1)
+    if objective == "argmax":
+        return -log_probs.gather(-1, log_probs.detach().argmax(-1, keepdim=True)).squeeze(-1)
+    # labels: position t predicts token t+1; the last position has no label (objective 0).
+    nll = -log_probs[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return torch.cat([nll, nll.new_zeros(nll.shape[0], 1)], dim=1)
+
+
+def hook_gradients(model, tokens: torch.Tensor, hook: str, objective: str = "entropy", batch_size: int = 16,
+                   exact_jacobian: bool = False) -> torch.Tensor:
+    """Per-position gradients g[s, t] = ∂objective_t/∂x_t of the activation at ``hook`` on the
+    clean model, for every sequence s of ``tokens`` [n_seq, seq_len] (see ``GRADIENTS``).
+
+    Position t's objective depends on x_{≤t} only (causal attention), and the gradient we
+    want is the diagonal of the Jacobian ∂objective/∂x. Differentiating the sum of the
+    objectives would add every later position's term. One backward gives the diagonal when
+    the attention layers above the hook pass gradient only from a query to its own key and
+    value (``_diagonal_attention_hooks``): the forward values are unchanged. Where that
+    rewrite does not apply (hooks inside an attention layer, rotary, grouped or soft-capped
+    attention), or with ``exact_jacobian=True``, one backward per position is run instead
+    (batched with vmap; ~seq_len times slower). The activation is replaced by a leaf tensor,
+    so nothing below the hook is differentiated. Returned on the CPU, float32, shaped like
+    the activation.
+    """
+    if objective not in GRADIENTS or objective == "none":
+        raise ValueError(f"objective must be one of {GRADIENTS[:-1]}, got {objective!r}")
+    device = model.cfg.device
+    diagonal = None if exact_jacobian else _diagonal_attention_hooks(model, hook)
+    out = []
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        captured = {}
+
+        def leaf(act, hook):
+            captured["x"] = act.detach().requires_grad_(True)
+            return captured["x"]
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, leaf)] + (diagonal or [])):
+            per_position = _position_objective(model(batch), batch, objective)  # [batch, pos]
+            x = captured["x"]
+            if diagonal is not None:
+                (grads,) = torch.autograd.grad(per_position.sum(), x)
+            else:
+                grads = _jacobian_diagonal(per_position, x)
+        out.append(grads.detach().float().cpu())
+    return torch.cat(out)
+
+
+def _jacobian_diagonal(per_position: torch.Tensor, x: torch.Tensor, positions_per_pass: int = 8) -> torch.Tensor:
+    """[batch, pos, ...]: ∂per_position[:, t]/∂x[:, t] by one backward per position, vmapped."""
+    seq_len, device = per_position.shape[1], x.device
+    grads = torch.empty_like(x)
+    for first in range(0, seq_len, positions_per_pass):
+        positions = torch.arange(first, min(first + positions_per_pass, seq_len), device=device)
+        rows = torch.arange(len(positions), device=device)
+        one_hot = torch.zeros(len(positions), *per_position.shape, device=device, dtype=per_position.dtype)
+        one_hot[rows, :, positions] = 1
+        (jac,) = torch.autograd.grad(per_position, x, grad_outputs=one_hot, retain_graph=True, is_grads_batched=True)
+        grads[:, positions] = jac[rows, :, positions].transpose(0, 1)
+    return grads
+
+
+_INSIDE_ATTENTION = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
+                     "hook_attn_input", "hook_q_input", "hook_k_input", "hook_v_input")
+
+
+def _diagonal_attention_hooks(model, hook: str) -> list | None:
+    """Hooks that make every attention layer after ``hook`` pass gradient from query t only to
+    key t and value t, leaving forward values unchanged; None where that is not supported.
+
+    Scores: s_ts − [q_t · (k_s − sg(k_s)) / scale] for s ≠ t (the bracket is zero in value and
+    removes ∂s_ts/∂k_s). Outputs: z_t − Σ_{s≠t} A_ts (v_s − sg(v_s)) (removes ∂z_t/∂v_s).
+    """
+    cfg = model.cfg
+    if (cfg.positional_embedding_type == "rotary" or getattr(cfg, "n_key_value_heads", None)
+            or getattr(cfg, "attn_scores_soft_cap", -1) > 0 or getattr(cfg, "use_logn_attn", False)
+            or getattr(cfg, "use_attention_sinks", False)):
+        return None
+    parts = hook.split(".")
+    if parts[0] != "blocks":
+        first = 0 if hook in ("hook_embed", "hook_pos_embed") else cfg.n_layers
+    else:
+        layer, rest = int(parts[1]), ".".join(parts[2:])
+        if any(rest.endswith(name) for name in _INSIDE_ATTENTION):
+            return None
+        first = layer if rest == "hook_resid_pre" or rest.startswith("ln1.") else layer + 1
+    hooks = []
+    for layer in range(first, cfg.n_layers):
+        attn, live = model.blocks[layer].attn, {}
+
+        def keep(name, live=live):
+            def hook_fn(act, hook):
+                live[name] = act
+            return hook_fn
+
+        def scores(act, hook, attn=attn, live=live):
+            q = live["q"].transpose(1, 2)  # [batch, head, query, d_head]
+            dk = (live["k"] - live["k"].detach()).permute(0, 2, 3, 1)  # [batch, head, d_head, key]
+            off = ~torch.eye(act.shape[-2], act.shape[-1], dtype=torch.bool, device=act.device)
+            return act - torch.where(off, q @ dk / attn.attn_scale, 0.0)
+
+        def z(act, hook, live=live):
+            pattern = live["pattern"]
+            off = ~torch.eye(pattern.shape[-2], pattern.shape[-1], dtype=torch.bool, device=act.device)
+            dv = (live["v"] - live["v"].detach()).transpose(1, 2)  # [batch, head, key, d_head]
+            return act - (torch.where(off, pattern, 0.0) @ dv).transpose(1, 2)
+
+        prefix = f"blocks.{layer}.attn."
+        hooks += [(prefix + "hook_q", keep("q")), (prefix + "hook_k", keep("k")), (prefix + "hook_v", keep("v")),
+                  (prefix + "hook_attn_scores", scores), (prefix + "hook_pattern", keep("pattern")), (prefix + "hook_z", z)]
+    return hooks
+
+
+@contextmanager
+def evaluating(sae):
+    """Evaluate ``sae`` in eval mode (BatchTopK then uses its threshold, not the batch, and no
+    statistic is updated), restoring its mode afterwards: evaluation never changes an SAE."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        yield sae
+    finally:
+        sae.train(was_training)
 
 
 @torch.no_grad()
 def downstream_metrics(model, sae, tokens: torch.Tensor, hook: str | None = None, batch_size: int = 16,
-                       use_gradient: bool = True) -> DownstreamMetrics:
+                       gradient: str = "entropy", gradients: torch.Tensor | None = None) -> DownstreamMetrics:
     """Next-token CE with the SAE's reconstruction spliced in at ``hook`` (default: the
     SAE's own hook_name), against the clean model, zero- and mean-ablation; and the KL
-    of the spliced model's predictions from the clean ones. A gradient SAE is given the
-    clean model's loss gradient at the hook, as in training (Olmo et al. 2024); with
-    ``use_gradient=False`` it selects by z alone, as it must where no gradient exists."""
+    of the spliced model's predictions from the clean ones.
+
+    A gradient SAE (Olmo et al. 2024) selects with a per-position gradient on the clean
+    model chosen by ``gradient`` (see ``GRADIENTS``): label-free ``"entropy"`` by default,
+    ``"labels"`` for the paper's protocol (it sees the answer), ``"none"`` for z alone.
+    ``gradients`` [n_seq, seq_len, ...] may pass ``hook_gradients(...)`` computed once for
+    several SAEs. The SAE is evaluated in eval mode and left exactly as it was."""
     hook = hook or sae.cfg.hook_name
     if not hook:
         raise ValueError("name the hook to splice at (the SAE has no hook_name recorded)")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     device = model.cfg.device
-    needs_grad = sae.architecture == "gradient" and use_gradient
+    if sae.architecture == "gradient" and gradient != "none" and gradients is None:
+        gradients = hook_gradients(model, tokens, hook, gradient, batch_size=batch_size)
+    if sae.architecture != "gradient" or gradient == "none":
+        gradients = None
+    if gradients is not None and tuple(gradients.shape[:2]) != tuple(tokens.shape):
+        raise ValueError(f"gradients {tuple(gradients.shape)} do not match tokens {tuple(tokens.shape)}")
+    with evaluating(sae):
+        return _downstream(model, sae, tokens, hook, batch_size, gradients, device)
+
+
+def _downstream(model, sae, tokens, hook, batch_size, gradients, device) -> DownstreamMetrics:
     # Pass 1: the mean activation over all tokens, for mean-ablation.
     total, count = None, 0
     for start in range(0, tokens.shape[0], batch_size):
@@ -130,7 +282,7 @@ def downstream_metrics(model, sae, tokens: torch.Tensor, hook: str | None = None
     n_tokens = 0
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size].to(device)
-        grad = _hook_gradient(model, batch, hook) if needs_grad else None
+        grad = gradients[start:start + batch_size].to(device) if gradients is not None else None
 
         def splice(act, hook):
             flat = act.reshape(act.shape[0] * act.shape[1], -1).float()

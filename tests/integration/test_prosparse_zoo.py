@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from workbench.zoo.prosparse import FATReLU, ProSparseConfig, prosparse
+from workbench.sparsity.prosparse import FATReLU, ProSparseConfig, prosparse
 
 # Measured at the quick sizes (8,192 validation tokens): original 4.12 nats, swapped 4.37,
 # ProSparse 4.35 (+0.23, most of it the swap's). At the full defaults (491,520 training tokens):

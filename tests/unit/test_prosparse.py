@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.tiny import tiny_model, tiny_tokens
-from workbench.zoo.prosparse import FATReLU, ProSparseConfig, lambda_schedule, prosparse, schedule_stages, substitute_relu
+from workbench.sparsity.prosparse import FATReLU, ProSparseConfig, lambda_schedule, prosparse, schedule_stages, substitute_relu
 
 
 @pytest.fixture(autouse=True)

@@ -100,6 +100,8 @@ def test_batchtopk_inference_is_a_threshold():
     pre = sae.pre_acts(x)
     expected = pre * (pre > sae.threshold)
     torch.testing.assert_close(sae.encode(x), expected)
+    with pytest.raises(ValueError, match="threshold"):  # θ has no k to override
+        sae.encode(x, k=K + 1)
 
 
 def test_gradient_selection_follows_the_score_and_keeps_values():
@@ -159,6 +161,36 @@ def test_save_load_round_trip_is_identical(arch, tmp_path):
     for name, tensor in sae.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     assert torch.equal(loaded.encode(x, g=g), sae.encode(x, g=g))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("form", ["ours", "sae_lens"])
+def test_a_loaded_sae_infers_per_row_and_evaluating_it_changes_nothing(arch, form, tmp_path):
+    """``load`` gives the inference form: a row's code does not depend on the rows beside
+    it (no batch top-k), and a forward pass leaves every parameter and buffer as it was
+    (BatchTopK's θ is only recorded by training forwards)."""
+    from workbench.sae.interop import export_sae_lens
+
+    sae = _make(arch)
+    if hasattr(sae, "threshold"):  # a trained θ, so the threshold rule keeps some latents but not all
+        sae.threshold.fill_(0.5)
+        sae.threshold_weight.fill_(1.0)
+    sae.save(tmp_path) if form == "ours" else export_sae_lens(sae.eval(), tmp_path)
+    loaded = saes.load(tmp_path)
+    assert not loaded.training
+    x, g = _inputs()
+    context = {"g": g} if loaded.architecture == "gradient" else {}
+    with torch.no_grad():
+        together = loaded.encode(x, **context)
+        alone = torch.cat([loaded.encode(x[i:i + 1], **{n: t[i:i + 1] for n, t in context.items()}) for i in range(BATCH)])
+    assert 0 < int((together != 0).sum()) < together.numel()
+    assert torch.equal(alone != 0, together != 0)
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-6)
+    before = {name: tensor.clone() for name, tensor in loaded.state_dict().items()}
+    with torch.no_grad():
+        loaded(x, **context)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -93,17 +93,38 @@ def test_top_k_methods_keep_exactly_k_per_token_and_wina_weighs_by_w_out(tokens)
     site = describe_mlps(model)[1]
     _, dense = model.run_with_cache(tokens, names_filter=site.hook_post)
     seen = {}
-    for method in (TopK(), WINA(sites=("x1",))):
+    for method in (TopK(on="x1", scope="token"), WINA(sites=("x1",))):
         thresholds = method.fit((model, tokens), 0.75)
         assert int(thresholds.values["blocks.1.mlp.x1"]) == 16  # 64 − round(0.75·64)
         with torch.no_grad(), method.apply(model, thresholds.select([1])), \
                 model.hooks(fwd_hooks=[(site.hook_post, lambda act, hook: seen.__setitem__(method.name, act.clone()))]):
             model(tokens)
-        assert ((seen[method.name] != 0).sum(-1) == 16).all()
-    score = dense[site.hook_post].abs() * site.w_out_norms
+        seen[method.name] = seen[method.name] != site.b_in  # kept entries (dropped ones hold b_in)
+        assert (seen[method.name].sum(-1) == 16).all()
+    score = site.x1_from_post(dense[site.hook_post]).abs() * site.w_out_norms
     expected = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(16, dim=-1).indices, True)
-    assert torch.equal(seen["wina"] != 0, expected)
-    assert not torch.equal(seen["wina"] != 0, seen["topk"] != 0)  # the weight norms changed the choice
+    assert torch.equal(seen["wina"], expected)
+    assert not torch.equal(seen["wina"], seen["topk"])  # the weight norms changed the choice
+
+
+def test_top_k_defaults_to_the_reference_gate_score_ranked_over_the_batch(tokens):
+    model = _model("swiglu")
+    site = describe_mlps(model)[1]
+    thresholds = TopK().fit((model, tokens), 0.75)
+    assert list(thresholds.values) == ["blocks.0.mlp.gate", "blocks.1.mlp.gate"]
+    seen = {}
+    with torch.no_grad():
+        _, dense = model.run_with_cache(tokens, names_filter=site.hook_pre)
+        with TopK().apply(model, thresholds.select([1])), \
+                model.hooks(fwd_hooks=[(site.hook_post, lambda act, hook: seen.__setitem__("post", act.clone()))]):
+            model(tokens)
+    kept = seen["post"] != site.b_in
+    score = site.act(dense[site.hook_pre]).abs().flatten()
+    expected = torch.zeros_like(score, dtype=torch.bool)
+    expected[score.topk(16 * tokens.numel()).indices] = True
+    assert torch.equal(kept.flatten(), expected)  # the 16·tokens largest |act(gate)| of the batch
+    per_token = kept.sum(-1)
+    assert per_token.float().mean() == 16 and per_token.min() < 16 < per_token.max()
 
 
 def test_cats_on_a_gated_mlp_zeroes_the_gate_so_dropped_neurons_keep_only_b_in(tokens):
@@ -129,7 +150,7 @@ def test_cett_method_thresholds_are_epsilon_over_the_down_projection_norms(model
     for site in describe_mlps(model):
         epsilon = thresholds.extras[f"blocks.{site.layer}.mlp.epsilon"]
         assert torch.allclose(thresholds.values[f"blocks.{site.layer}.mlp.x1"], epsilon / site.w_out_norms)
-        x1 = dense[site.hook_post].reshape(-1, site.d_mlp)
+        x1 = site.x1_from_post(dense[site.hook_post]).reshape(-1, site.d_mlp)
         assert cett(x1, site.w_out, epsilon) <= 0.2 < cett(x1, site.w_out, epsilon * (1 + 1e-4))
 
 
@@ -196,3 +217,53 @@ def test_bad_arguments_are_refused(model, tokens):
         TEAL(sites=("gate",))
     with pytest.raises(ValueError, match="statistic"):
         get_method("chess", statistic="cube")
+
+
+# --- one bias convention for every method (a gated MLP's b_in belongs to the kept part) ---
+
+ALL_AT_ONCE = {"teal": dict(sites=("x1",)), "wina": dict(sites=("x1",))}  # the input sites change x1 itself
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_drops_exactly_the_neuron_contributions_and_keeps_b_in(tokens, name):
+    # Hand-built gated MLP with a large b_in: a method that scored or zeroed hook_post itself
+    # would see |b_in| everywhere and drop b_in·W_out along with the neuron.
+    model = _model("swiglu")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.b_in.copy_(torch.linspace(-1, 1, block.mlp.b_in.numel()))
+    site = describe_mlps(model)[1]
+    method = get_method(name, **ALL_AT_ONCE.get(name, {}))
+    thresholds = method.fit((model, tokens), TARGET.get(name, 0.5)).select([1])
+    seen = {}
+    with torch.no_grad():
+        _, dense = model.run_with_cache(tokens, names_filter=lambda n: n == site.hook_post)
+        with method.apply(model, thresholds) as meter, \
+                model.hooks(fwd_hooks=[(site.hook_post, lambda act, hook: seen.__setitem__("post", act.clone()))]):
+            model(tokens)
+    post, b_in = seen["post"], site.b_in.expand_as(seen["post"])
+    x1 = site.x1_from_post(dense[site.hook_post])
+    kept = post != b_in
+    assert torch.equal(post[kept], dense[site.hook_post][kept])  # kept neurons untouched
+    dropped_fraction = 1 - kept.float().mean()
+    (realised,) = meter.sparsity().values()
+    assert float(dropped_fraction) == pytest.approx(realised, abs=1e-6)  # what is dropped is what is counted
+    assert 0.1 < realised < 0.95
+    # Dropping everything leaves the MLP output at the constant b_in·W_out + b_out, for every method.
+    everything = dataclasses.replace(thresholds, values={
+        key: torch.tensor(0) if method.topk else torch.full_like(value, float("inf")) for key, value in thresholds.values.items()})
+    with torch.no_grad(), method.apply(model, everything), \
+            model.hooks(fwd_hooks=[(f"blocks.1.hook_mlp_out", lambda act, hook: seen.__setitem__("out", act.clone()))]):
+        model(tokens)
+    constant = site.b_in @ site.w_out + model.blocks[1].mlp.b_out
+    assert torch.allclose(seen["out"], constant.expand_as(seen["out"]), atol=1e-5)
+    assert x1.abs().min() < site.b_in.abs().max()  # the example is one where b_in matters
+
+
+def test_sources_return_x1_without_the_gated_bias(tokens):
+    model = _model("swiglu")
+    site = describe_mlps(model)[0]
+    got = ModelSource(model, tokens).collect([site.hook_post])[site.hook_post]
+    _, dense = model.run_with_cache(tokens, names_filter=lambda n: n in (site.hook_pre, site.hook_pre_linear))
+    x1 = (site.act(dense[site.hook_pre]) * dense[site.hook_pre_linear]).reshape(-1, site.d_mlp)
+    assert torch.allclose(got, x1, atol=1e-6)

@@ -95,6 +95,37 @@ def test_k_annealing_starts_wide_and_ends_at_k():
     assert ks[0] == 16 and ks[-1] == 4 and ks == sorted(ks, reverse=True)
 
 
+# Hierarchical SAEs train every budget ≤ k at once; annealing would start above k.
+REFUSE_K_ANNEALING = {"hierarchical"}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("anneal", [False, True])
+def test_k_annealing_is_followed_or_refused(arch, anneal, tmp_path):
+    """Every architecture either trains at the annealed k (the L0 of each step is k_now:
+    per row for TopK-like rules, on average for BatchTopK-like ones) or refuses the config,
+    naming itself; never silently ignores it."""
+    kw = dict(architecture=arch, d_sae=64, k=4, batch_size=64, total_tokens=640, k_anneal_tokens=320 if anneal else 0,
+              warmup_steps=1, log_every=1, device="cpu")
+    if anneal and arch in REFUSE_K_ANNEALING:
+        with pytest.raises(ValueError, match=f"(?s){arch}.*k_anneal_tokens"):
+            TrainConfig(**kw)
+        return
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 16, generator=gen)
+    data = [(b, torch.randn(b.shape, generator=gen)) if arch == "gradient" else b for b in x.split(64)]
+    sae = train_sae(TrainConfig(**kw), data, run_dir=tmp_path, progress=False)
+    [folder] = list(tmp_path.iterdir())
+    history = json.loads((folder / "metrics.json").read_text())["history"]
+    # k_now at 0, 64, …, 576 tokens: 16 → 4 linearly over 320 tokens (k_start = 4k), then 4.
+    expected = [16, 14, 11, 9, 6, 4, 4, 4, 4, 4] if anneal else [4] * 10
+    assert [h["k"] for h in history] == expected
+    assert [h["l0"] for h in history] == pytest.approx(expected, rel=0.02)
+    if hasattr(sae, "threshold"):  # θ only averages the batches kept at the final k
+        steps_at_k = expected.count(4)
+        assert float(sae.threshold_weight) == pytest.approx(1 - (1 - sae.cfg.threshold_ema) ** steps_at_k)
+
+
 def test_dead_latents_get_aux_gradient():
     from workbench.trainer.step import SAETrainer
     from workbench.sae import create
@@ -111,6 +142,8 @@ def test_bad_config_is_explained():
         TrainConfig(architecture="relu")
     with pytest.raises(ValueError, match="less than one batch"):
         TrainConfig(total_tokens=10, batch_size=4096)
+    with pytest.raises(ValueError, match="finish before training ends"):
+        TrainConfig(total_tokens=4096 * 10, k_anneal_tokens=4096 * 10)
 
 
 def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):

@@ -126,6 +126,13 @@ class SparseAutoencoder(nn.Module):
     sorted_code: ClassVar[bool] = False
     """Whether ``select`` returns each row's latents sorted by value (largest first)."""
 
+    supports_k_annealing: ClassVar[bool] = False
+    """Whether ``select`` takes ``k`` above cfg.k, so the trainer can anneal k down from
+    TrainConfig.k_start. False (the default, so a new architecture is refused rather than
+    silently trained at fixed k) makes TrainConfig reject k_anneal_tokens, giving
+    ``no_k_annealing_because`` as the reason."""
+    no_k_annealing_because: ClassVar[str] = "its select takes no k to anneal"
+
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
         """Sum over dimensions, mean over rows, of ‖x − x̂‖² (the TopK paper's MSE, unnormalised)."""
         return (result.x_hat - x).pow(2).sum(-1).mean()
@@ -153,12 +160,13 @@ class SparseAutoencoder(nn.Module):
         return ForwardResult(self.decode_sparse(code), code, pre)
 
     def forward_train(self, x: Float[Tensor, "batch d_in"], selection_dtype: torch.dtype = torch.float32,
-                      **context) -> ForwardResult:
+                      observe: bool = True, **context) -> ForwardResult:
         """The trainer's forward: same code and x̂ as ``forward`` (up to ties at
         ``selection_dtype`` precision), but only the selected pre-activations are computed
         with autograd, exactly in float32, with a sparse backward (see ``sparse_ops``).
         ``pre_acts`` in the result is detached (at ``selection_dtype``) and lives in a
-        scratch buffer that the next call overwrites."""
+        scratch buffer that the next call overwrites. ``observe=False`` keeps this batch out
+        of the inference statistics (the trainer does so while k is annealed)."""
         with torch.no_grad():
             pre = self._selection_pre_acts(x, selection_dtype)
             chosen = self.select(pre, **context)
@@ -168,7 +176,7 @@ class SparseAutoencoder(nn.Module):
         if self.sorted_code:
             order = code.values.argsort(dim=-1, descending=True, stable=True)
             code = SparseCode(code.values.gather(1, order), code.indices.gather(1, order))
-        if self.training:
+        if self.training and observe:
             self.observe(code)
         return ForwardResult(self.decode_sparse(code), code, pre)
 
@@ -224,7 +232,9 @@ def create(architecture: str, d_in: int, d_sae: int, k: int, **cfg) -> SparseAut
 
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> SparseAutoencoder:
-    """Open an SAE saved by ``save`` (or a SAELens SAE folder, through ``interop``)."""
+    """Open an SAE saved by ``save`` (or a SAELens SAE folder, through ``interop``), in
+    eval mode: its inference rule, so each row's code is independent of the batch and
+    forward passes leave its state (BatchTopK's θ) untouched."""
     folder = Path(folder)
     if not (folder / CFG_FILE).exists():
         raise FileNotFoundError(f"{folder} has no {CFG_FILE}: not an SAE folder")
@@ -237,4 +247,8 @@ def load(folder: str | Path, device: str | torch.device | None = None) -> Sparse
         from .interop import load_sae_lens
 
         sae = load_sae_lens(folder)
-    return sae.to(device) if device is not None else sae
+    sae = sae.to(device) if device is not None else sae
+    # A fresh nn.Module is in training mode, where BatchTopK keeps the batch's top k·B
+    # (codes depend on the other rows) and each forward moves θ. Training resumes through
+    # SAETrainer, which switches it back.
+    return sae.eval()

@@ -40,17 +40,22 @@ def _rows_to_code(z: Tensor) -> SparseCode:
 
 @register("batchtopk", BatchTopKConfig)
 class BatchTopKSAE(SparseAutoencoder):
+    # Annealing keeps k_now·B entries of the batch (k_now ≥ k). The trainer does not
+    # observe those batches: their smallest kept value lies below the k·B-th, and θ must
+    # match the final k (see TrainConfig's check that annealing ends before training does).
+    supports_k_annealing = True
+
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         # Total weight of the averaged minima (1 − (1 − ema)ⁿ after n steps), for bias correction.
         self.register_buffer("threshold_weight", torch.zeros(()))
 
-    def batch_select(self, pre_acts: Tensor) -> Tensor:
-        """Dense z keeping the k·B largest ReLU'd pre-activations of the batch."""
+    def batch_select(self, pre_acts: Tensor, k: int | None = None) -> Tensor:
+        """Dense z keeping the k·B largest ReLU'd pre-activations of the batch (k: cfg.k)."""
         acts = pre_acts.relu()
         flat = acts.flatten()
-        values, indices = flat.topk(self.cfg.k * pre_acts.shape[0], sorted=False)
+        values, indices = flat.topk((k or self.cfg.k) * pre_acts.shape[0], sorted=False)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(acts)
 
     @torch.no_grad()
@@ -67,7 +72,12 @@ class BatchTopKSAE(SparseAutoencoder):
         self.threshold_weight.copy_(old + rate)
         self.threshold.copy_((self.threshold * old + batch_min * rate) / self.threshold_weight)
 
-    def select(self, pre_acts: Tensor, **context) -> SparseCode:
+    def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
+        """Training: the batch's top k·B (``k`` overrides cfg.k, for annealing). Inference:
+        the threshold θ, which has no k, so asking for another k is an error."""
         if self.training:
-            return _rows_to_code(self.batch_select(pre_acts))
+            return _rows_to_code(self.batch_select(pre_acts, k))
+        if k is not None and k != self.cfg.k:
+            raise ValueError(f"a {self.architecture} SAE infers with its threshold θ, not a top-k; "
+                             f"k={k} applies only to training batches")
         return _rows_to_code(pre_acts * (pre_acts > self.threshold))

@@ -32,6 +32,8 @@ class GradientConfig(SAEConfig):
 
 @register("gradient", GradientConfig)
 class GradientSAE(SparseAutoencoder):
+    supports_k_annealing = True
+
     def select(self, pre_acts: Tensor, g: Tensor | None = None, k: int | None = None, **context) -> SparseCode:
         k = k or self.cfg.k
         z = pre_acts.relu()

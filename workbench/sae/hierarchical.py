@@ -33,6 +33,10 @@ class HierarchicalConfig(SAEConfig):
 @register("hierarchical", HierarchicalConfig)
 class HierarchicalTopKSAE(SparseAutoencoder):
     sorted_code = True
+    # Annealing starts above k, but every budget this SAE trains is ≤ k (its loss already
+    # spans all smaller L0s at once), so there is no k_start > k to anneal from.
+    no_k_annealing_because = ("hierarchical SAEs train every budget ≤ k at once, and annealing would start "
+                              "above k; drop k_anneal_tokens (set it to 0)")
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         """Top-k latents sorted by value (largest first); ``k`` ≤ cfg.k picks a smaller budget."""

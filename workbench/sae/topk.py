@@ -14,6 +14,8 @@ from .base import SparseAutoencoder, SparseCode, register
 
 @register("topk")
 class TopKSAE(SparseAutoencoder):
+    supports_k_annealing = True
+
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         """``k`` overrides the trained k at inference (e.g. to probe other sparsities)."""
         values, indices = pre_acts.topk(k or self.cfg.k, dim=-1, sorted=False)

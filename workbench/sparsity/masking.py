@@ -6,12 +6,14 @@ entries to keep. Three places (``where``), after the training-free methods:
 - ``"x1"``: x1, the input of W_out (``hook_post``), zeroed where dropped (Top-k, FAT-ε,
   CETT, TEAL's and WINA's down-projection input, CATS on plain MLPs);
 - ``"gate"``: act(W_gate x) of a gated MLP, scored from act(``hook_pre``); a dropped neuron's
-  x1 becomes act(gate)=0 times up, i.e. b_in (CATS and CHESS, Lee et al. 2024, He et al.
-  2024). TransformerLens adds b_in inside ``hook_post``; it is a constant, folded into b_out
-  by a sparse kernel, and zero in LLaMA-style MLPs;
+  x1 becomes act(gate)=0 times up, i.e. zero (CATS and CHESS, Lee et al. 2024, He et al. 2024);
 - ``"input"``: the MLP input, read by W_in and W_gate (TEAL, Liu et al. 2024; WINA, Chen et al.
   2025). TransformerLens has no hook after ln2's affine weights, so this one is a forward
   pre-hook on the MLP module.
+
+Whatever the site, a gated MLP's b_in stays in ``hook_post`` (mlp.py, the bias convention):
+x1 masks score and zero x1 = ``hook_post`` − b_in and add b_in back, gate masks leave b_in
+where they drop, so every method drops exactly the neurons' contributions n_i and nothing else.
 
 An entry is *inactive* when it is dropped or its score is exactly zero (a ReLU zero costs
 nothing either); the realised sparsity of a site is the inactive fraction. ``install``
@@ -62,6 +64,19 @@ def topk_keep(k: int) -> Callable[[Tensor], Tensor]:
         if k > 0:
             kept.scatter_(-1, score.topk(min(k, score.shape[-1]), dim=-1).indices, True)
         return kept & (score > 0)
+    return keep
+
+
+def batch_topk_keep(k: int) -> Callable[[Tensor], Tensor]:
+    """Keep the k·tokens largest scores of the whole forward pass (ranked over the flattened
+    batch, as the Top-k reference code does), and only those above zero."""
+    def keep(score: Tensor) -> Tensor:
+        flat = score.reshape(-1)
+        total = min(flat.numel(), k * (flat.numel() // score.shape[-1]))
+        kept = torch.zeros_like(flat, dtype=torch.bool)
+        if total > 0:
+            kept[flat.topk(total).indices] = True
+        return (kept & (flat > 0)).view_as(score)
     return keep
 
 
@@ -122,10 +137,11 @@ class SparsityMeter:
 
 
 def _x1_hook(mask: Mask, meter: SparsityMeter):
-    def hook(x1, hook):
+    def hook(post, hook):
+        x1 = mask.site.x1_from_post(post)
         kept = mask.kept(x1)
         meter.add(mask.key, kept)
-        return x1 * kept
+        return mask.site.post_from_x1(x1 * kept)
     return hook
 
 
@@ -138,7 +154,7 @@ def _gate_hooks(mask: Mask, meter: SparsityMeter):
     def on_x1(x1, hook):
         kept = state.pop("kept")
         meter.add(mask.key, kept)
-        return torch.where(kept, x1, mask.site.b_in.to(x1.device, x1.dtype))
+        return torch.where(kept, x1, mask.site.post_from_x1(torch.zeros_like(x1)))
     return [(mask.site.hook_pre, on_gate), (mask.site.hook_post, on_x1)]
 
 

@@ -17,8 +17,8 @@ value. ``apply`` composes: nest several, or filter layers with ``Thresholds.sele
 | method | site(s)            | score                     | scope                 | paper |
 |--------|--------------------|---------------------------|-----------------------|-------|
 | cats   | gate (gated) / x1  | |act(gate)| / |h|         | per-layer quantile    | Lee et al. 2024 |
-| topk   | x1                 | |x1|                      | k per token           | Zhang et al. 2024 (Top-k) |
-| fat    | x1                 | |x1|                      | one global ε          | Zhang et al. 2024 (FAT-ε) |
+| topk   | gate (gated) / x1  | |act(gate)| / |h|         | k·tokens per batch    | Zhang et al. 2024 (Top-k) |
+| fat    | gate (gated) / x1  | |act(gate)| / |h|         | one global ε          | Zhang et al. 2024 (FAT-ε) |
 | cett   | x1                 | |x1|·‖W_out[:, i]‖        | per-layer ε by CETT   | Zhang et al. 2024; Luo et al. 2024 |
 | teal   | input, x1          | |x|                       | per-layer quantile    | Liu et al. 2024 |
 | chess  | gate (gated) / x1  | s_i²·E[u_i²]              | per-channel threshold | He et al. 2024 |
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .cett import DEFAULT_MAX_ELEMENTS, cats_threshold, cett_threshold, neuron_thresholds
-from .masking import Mask, SparsityMeter, install, site_key, source_name, threshold_keep, topk_keep
+from .masking import Mask, SparsityMeter, batch_topk_keep, install, site_key, source_name, threshold_keep, topk_keep
 from .mlp import MLPSite, describe_mlps
 from .sources import ModelSource, as_source
 
@@ -120,6 +120,10 @@ class SparsityMethod:
     def score(self, site: MLPSite, where: str) -> Callable[[Tensor], Tensor]:
         return torch.abs
 
+    def keep_rule(self, k: int) -> Callable[[Tensor], Tensor]:
+        """For top-k methods: the rule keeping k entries per token."""
+        return topk_keep(k)
+
     def needs(self, site: MLPSite) -> list[str]:
         """Source names ``fit_site`` reads."""
         return sorted({source_name(site, w) for w in self.wheres(site)})
@@ -175,7 +179,7 @@ class SparsityMethod:
         for where in self.wheres(site):
             value = values.get(site_key(site.layer, where))
             if value is not None:
-                keep = topk_keep(int(value)) if self.topk else threshold_keep(value.to(device))
+                keep = self.keep_rule(int(value)) if self.topk else threshold_keep(value.to(device))
                 masks.append(Mask(site, where, self.score(site, where), keep))
         return masks
 
@@ -219,10 +223,18 @@ def get_method(name: str, **kwargs) -> SparsityMethod:
 
 
 class _GateOrH(SparsityMethod):
-    """Sparsify act(W_gate x) of gated MLPs (x1 follows) and h = x1 of plain ones, by magnitude."""
+    """Sparsify act(W_gate x) of gated MLPs (x1 follows) and h = x1 of plain ones, by magnitude.
+
+    ``on="x1"`` scores x1 = act(gate) ⊙ up of gated MLPs instead (plain MLPs: the same h)."""
+
+    def __init__(self, on: str = "gate", **kwargs):
+        super().__init__(**kwargs)
+        if on not in ("gate", "x1"):
+            raise ValueError(f"on must be 'gate' (act(W_gate x) of gated MLPs, the reference) or 'x1', got {on!r}")
+        self.on = on
 
     def wheres(self, site):
-        return ("gate",) if site.gated else ("x1",)
+        return ("gate",) if site.gated and self.on == "gate" else ("x1",)
 
     def score(self, site, where):
         return (lambda pre: site.act(pre).abs()) if where == "gate" else torch.abs
@@ -269,23 +281,40 @@ class TEAL(_LinearInputs):
 
 
 @register
-class TopK(SparsityMethod):
-    """Top-k per token on |x1| (Zhang et al. 2024, "ReLU² Wins", the Top-k baseline):
-    keep k = d_mlp − round(s·d_mlp) neurons of each token. Needs no calibration; ``fit``
-    records k and the realised sparsity (higher where fewer than k are nonzero)."""
+class TopK(_GateOrH):
+    """Top-k (Zhang et al. 2024, "ReLU² Wins", the Top-k baseline): keep the largest
+    magnitudes, k = d_mlp − round(s·d_mlp) per token on average. Needs no calibration; ``fit``
+    records k and the realised sparsity (higher where fewer than k are nonzero).
+
+    As the reference code does, by default gated MLPs are scored on |act(W_gate x)| (plain
+    ones on |h|) and the ranking is over the flattened batch (``scope="batch"``: the k·tokens
+    largest entries of each forward pass, so a token may keep more or fewer than k). Named
+    options: ``on="x1"`` scores x1 = act(gate) ⊙ up of gated MLPs; ``scope="token"`` keeps
+    exactly k per token, independent of the batch."""
 
     name = "topk"
     topk = True
 
+    def __init__(self, scope: str = "batch", **kwargs):
+        super().__init__(**kwargs)
+        if scope not in ("batch", "token"):
+            raise ValueError(f"scope must be 'batch' (the reference) or 'token', got {scope!r}")
+        self.scope = scope
+
+    def keep_rule(self, k: int):
+        return batch_topk_keep(k) if self.scope == "batch" else topk_keep(k)
+
     def fit_site(self, site, acts, target, extras):
-        return {site_key(site.layer, "x1"): torch.tensor(_kept_count(site.d_mlp, target))}
+        return {site_key(site.layer, w): torch.tensor(_kept_count(site.d_mlp, target)) for w in self.wheres(site)}
 
 
 @register
-class FAT(SparsityMethod):
-    """FAT-ε, one flat absolute threshold on |x1| for every layer (Zhang et al. 2024, "ReLU²
-    Wins"). ``fit`` picks ε as the target quantile of |x1| pooled over all layers (each layer
-    weighted equally), so the *mean* sparsity meets the target while layers differ."""
+class FAT(_GateOrH):
+    """FAT-ε, one flat absolute threshold for every layer (Zhang et al. 2024, "ReLU² Wins"),
+    on |act(W_gate x)| of gated MLPs as the reference code does (``on="x1"``: on |x1|) and on
+    |h| of plain ones. ``fit`` picks ε as the target quantile of the scores pooled over all
+    layers (each layer weighted equally), so the *mean* sparsity meets the target while
+    layers differ."""
 
     name = "fat"
 
@@ -296,21 +325,22 @@ class FAT(SparsityMethod):
         src = as_source(source)
         per_layer = max(1, DEFAULT_MAX_ELEMENTS // max(1, len(src.sites)))
         pooled = []
-        for group in self._groups(src):  # pass 1: a seeded sample of |x1| from each layer
-            acts = src.collect([site.hook_post for site in group], self.max_tokens)
+        for group in self._groups(src):  # pass 1: a seeded sample of scores from each layer
+            acts = src.collect(sorted({n for site in group for n in self.needs(site)}), self.max_tokens)
             for site in group:
-                x1 = acts[site.hook_post].reshape(-1)
-                index = torch.randint(x1.numel(), (min(per_layer, x1.numel()),), generator=torch.Generator().manual_seed(site.layer))
-                pooled.append(x1[index].abs())
+                (where,) = self.wheres(site)
+                scores = self.score(site, where)(acts[source_name(site, where)]).reshape(-1)
+                index = torch.randint(scores.numel(), (min(per_layer, scores.numel()),), generator=torch.Generator().manual_seed(site.layer))
+                pooled.append(scores[index])
         epsilon = torch.tensor(cats_threshold(torch.cat(pooled), target))
         thresholds = Thresholds(self.name, float(target), extras={"epsilon": float(epsilon)})
         for group in self._groups(src):  # pass 2: the realised sparsity of that one ε in each layer
-            acts = src.collect([site.hook_post for site in group], self.max_tokens)
+            acts = src.collect(sorted({n for site in group for n in self.needs(site)}), self.max_tokens)
             for site in group:
-                values = {site_key(site.layer, "x1"): epsilon.clone()}
+                values = {site_key(site.layer, w): epsilon.clone() for w in self.wheres(site)}
                 thresholds.values.update(values)
                 thresholds.realised.update(_realised(self.masks(site, values), acts))
-            thresholds.n_tokens = acts[group[0].hook_post].shape[0]
+            thresholds.n_tokens = next(iter(acts.values())).shape[0]
         return thresholds
 
 

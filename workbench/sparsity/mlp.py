@@ -4,10 +4,18 @@ Every metric and method in this package speaks of the same quantities (DESIGN.md
 and PPL-p%"; Zhang et al. 2024 "ReLU² Wins", Luo et al. 2024 "Sparsing Law"):
 
 - plain MLPs:  h = act(W_in x + b_in), and x1 = h;
-- gated MLPs:  x1 = act(W_gate x) ⊙ (W_in x) (+ b_in, which TransformerLens adds inside
-  ``hook_post``; LLaMA-style models have none);
+- gated MLPs:  x1 = act(W_gate x) ⊙ (W_in x);
 - MLP out = W_out x1 + b_out = Σ_i n_i + b_out with n_i = x1_i · W_out[:, i], so
   ‖n_i‖ = |x1_i| · ‖W_out[:, i]‖.
+
+The bias convention. TransformerLens' gated MLP adds a bias *after* the product:
+``hook_post`` = act(gate) ⊙ up + b_in (LLaMA-style models have none; the zoo's SwiGLU has
+one). That bias does not depend on the input, so W_out b_in is part of the constant output
+bias, like b_out: it belongs to the kept part and is never dropped. Every metric and method
+here therefore reads x1 = ``hook_post`` − b_in (``MLPSite.x1_from_post``; the activation
+sources return it so), and every mask that drops neuron i leaves ``hook_post``_i = b_in_i
+(``MLPSite.post_from_x1``). Plain MLPs have b_in inside the activation, h = act(W_in x + b_in):
+there x1 = h = ``hook_post``.
 
 TransformerLens stores ``W_out`` as [d_mlp, d_model] (it computes x1 @ W_out), so the
 math's column W_out[:, i] is TransformerLens' *row* ``W_out[i]``; likewise the inputs of
@@ -83,6 +91,24 @@ class MLPSite:
     @property
     def b_in(self) -> Float[Tensor, " d_mlp"]:
         return self.module.b_in.detach()
+
+    @property
+    def x1_offset(self) -> Tensor | None:
+        """What ``hook_post`` adds to x1: a gated MLP's b_in (None for plain MLPs or a zero b_in)."""
+        if not self.gated:
+            return None
+        b_in = getattr(self.module, "b_in", None)
+        return None if b_in is None or not bool((b_in != 0).any()) else b_in.detach()
+
+    def x1_from_post(self, post: Tensor) -> Tensor:
+        """x1 from ``hook_post``: the additive b_in of a gated MLP removed (the bias convention)."""
+        offset = self.x1_offset
+        return post if offset is None else post - offset.to(post.device, post.dtype)
+
+    def post_from_x1(self, x1: Tensor) -> Tensor:
+        """``hook_post`` from a (masked) x1: the bias added back, kept whatever was dropped."""
+        offset = self.x1_offset
+        return x1 if offset is None else x1 + offset.to(x1.device, x1.dtype)
 
     @property
     def w_out_norms(self) -> Float[Tensor, " d_mlp"]:

@@ -139,11 +139,13 @@ class PPLSearch:
             entries = 0
 
             def mask(layer: int):
-                def hook(x1, hook):
-                    shaped = x1.view(copies, -1, *x1.shape[1:])
+                site = self.sites[layer]
+
+                def hook(post, hook):
+                    shaped = site.x1_from_post(post).view(copies, -1, *post.shape[1:])
                     keep = (shaped.abs() >= per_layer[layer].view(copies, 1, 1, -1)) & (shaped != 0)
                     kept[:, layer] += keep.flatten(1).sum(1).double().cpu()
-                    return (shaped * keep).view_as(x1)
+                    return site.post_from_x1((shaped * keep).view_as(post))
                 return hook
 
             hooks = [(site.hook_post, mask(site.layer)) for site in self.sites]

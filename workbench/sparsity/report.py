@@ -6,7 +6,7 @@ What the CLI (``python -m workbench sparsity``), notebook 04 and the demo print:
 2. PPL-p% sparsity per model (Luo et al. 2024) for p = 1%, 5%, 10%;
 3. sparsity–performance curves of every training-free method (``curves``);
 4. the Sparsing-Law trend: activation ratio at PPL-1% vs training tokens (``curves``);
-5. ProSparse fine-tuning: sparsity gained and perplexity cost (``workbench.zoo.prosparse``).
+5. ProSparse fine-tuning: sparsity gained and perplexity cost (``workbench.sparsity.prosparse``).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, ca
         paths += save_figure(plot_lazy_over_training(lazy_rows), "lazy_over_training", out_dir=out_dir)
         say("figures", ", ".join(str(p) for p in paths))
     if "prosparse" in parts:
-        from ..zoo.prosparse import ProSparseConfig, prosparse
+        from .prosparse import ProSparseConfig, prosparse
 
         rows = []
         for name in names:

@@ -6,6 +6,9 @@ Both sources answer the same two questions: ``batches(names)`` streams aligned r
 are TransformerLens hook names, plus ``MLPSite.input_name`` for the MLP input (captured
 from the MLP module on a model; rebuilt from ``ln2.hook_normalized`` in a cache).
 
+``hook_post`` of a gated MLP comes back as x1 = ``hook_post`` − b_in, the x1 every metric
+speaks of (see the bias convention in mlp.py).
+
 ``as_source`` turns what users pass into a source: ``(model, tokens)``, an
 ``ActivationCache``, or ``(cache, model)`` when the cache's model is not an offline zoo
 model or the metric needs weights the cache does not hold.
@@ -35,6 +38,15 @@ _INPUT_NAME = re.compile(r"^blocks\.(\d+)\.mlp:input$")
 def _input_layer(name: str) -> int | None:
     match = _INPUT_NAME.match(name)
     return int(match.group(1)) if match else None
+
+
+_POST_NAME = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")
+
+
+def _as_x1(sites: list[MLPSite], name: str, rows: Tensor) -> Tensor:
+    """``rows`` of ``name``, with a gated MLP's b_in taken out of its ``hook_post``."""
+    match = _POST_NAME.match(name)
+    return sites[int(match.group(1))].x1_from_post(rows) if match else rows
 
 
 def _gather(stream: Iterator[dict[str, Tensor]], max_tokens: int | None) -> dict[str, Tensor]:
@@ -93,7 +105,7 @@ class ModelSource:
                     stack.callback(hook.remove)
             stack.enter_context(self.model.hooks(fwd_hooks=hooks))
             self.model(batch.to(self.model.cfg.device), stop_at_layer=stop_layer(names))
-        return {n: acts[n].reshape(-1, acts[n].shape[-1]).float().cpu() for n in names}
+        return {n: _as_x1(self.sites, n, acts[n].reshape(-1, acts[n].shape[-1]).float()).cpu() for n in names}
 
     def collect(self, names: list[str], max_tokens: int | None = None) -> dict[str, Tensor]:
         return _gather(self.batches(names, max_tokens), max_tokens)
@@ -147,6 +159,21 @@ class CacheSource:
     def n_tokens(self) -> int:
         return self.cache.n_tokens
 
+    def _x1(self, name: str, rows: Tensor) -> Tensor:
+        """``rows`` of ``name``, a gated ``hook_post`` as x1 (b_in out). Without the model (a
+        cache of a non-zoo model read alone) that is unknowable: the cached values are used
+        as they are, with a warning, which is right for plain MLPs and bias-free gated ones."""
+        if not _POST_NAME.match(name):
+            return rows
+        try:
+            sites = self.sites
+        except ValueError as error:
+            if not getattr(self, "_warned", False):
+                log.warning("%s; reading hook_post as x1 unchanged (wrong only for a gated MLP with a b_in)", error)
+                self._warned = True
+            return rows
+        return _as_x1(sites, name, rows)
+
     def _stored(self, name: str) -> str:
         layer = _input_layer(name)
         stored = self.sites[layer].hook_normalized if layer is not None else name
@@ -165,7 +192,7 @@ class CacheSource:
             batch = {}
             for name, x in zip(names, rows):
                 layer = _input_layer(name)
-                batch[name] = self.sites[layer].input_from_normalized(x) if layer is not None else x
+                batch[name] = self.sites[layer].input_from_normalized(x) if layer is not None else self._x1(name, x)
             yield batch
             n += rows[0].shape[0]
             if max_tokens is not None and n >= max_tokens:

@@ -73,7 +73,7 @@ class TrainConfig:
     """Steps between logged metrics (and live-plot updates)."""
 
     def __post_init__(self) -> None:
-        from ..sae import ARCHITECTURES
+        from ..sae import ARCHITECTURES, REGISTRY
 
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {ARCHITECTURES}")
@@ -89,6 +89,17 @@ class TrainConfig:
             raise ValueError(f"selection_precision must be auto, bfloat16 or float32, got {self.selection_precision!r}")
         if self.total_tokens is not None and self.total_tokens < self.batch_size:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})")
+        if self.k_anneal_tokens > 0:
+            sae_class = REGISTRY[self.architecture][0]
+            if not sae_class.supports_k_annealing:
+                raise ValueError(f"architecture {self.architecture!r} cannot anneal k: {sae_class.no_k_annealing_because}; "
+                                 f"got k_anneal_tokens={self.k_anneal_tokens}")
+            # The last batch must train at k: the SAE is saved for k, and BatchTopK's θ
+            # only averages batches kept at the final k.
+            if self.total_tokens is not None and self.k_anneal_tokens > self.total_tokens - self.batch_size:
+                raise ValueError(f"k annealing must finish before training ends: k_anneal_tokens={self.k_anneal_tokens} "
+                                 f"leaves no batch at k within total_tokens={self.total_tokens}; make it at most "
+                                 f"{self.total_tokens - self.batch_size}")
 
     @property
     def needs_grads(self) -> bool:

@@ -53,6 +53,8 @@ class SAETrainer:
         self.dead_tokens = cfg.resolved_dead_tokens()
         self.aux_k = cfg.aux_k or max(1, sae.cfg.d_in // 2)
         self.selection_dtype = cfg.selection_dtype(device)
+        if cfg.k_anneal_tokens > 0 and not sae.supports_k_annealing:  # cfg checks its own architecture, not this SAE's
+            raise ValueError(f"a {sae.architecture} SAE cannot anneal k: {sae.no_k_annealing_because}")
 
     # --- schedules -------------------------------------------------------------------------
     def lr_now(self) -> float:
@@ -103,9 +105,15 @@ class SAETrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         select_kwargs = {"g": g} if g is not None else {}
-        if k != sae.cfg.k and sae.architecture in ("topk", "gradient", "hierarchical"):
+        annealing = k != sae.cfg.k  # only SAEs that support k annealing get here (checked in __init__)
+        if annealing:
             select_kwargs["k"] = k
-        result = sae.forward_train(x, self.selection_dtype, **select_kwargs)
+        # Loaded SAEs come in eval mode (and callers may evaluate between steps); training
+        # needs the training rule (BatchTopK's batch top-k), and records θ in that mode.
+        sae.train()
+        # θ is BatchTopK's inference stand-in for keeping k·B per batch: batches kept at
+        # k_now > k would bias it low, so only batches at the final k are observed.
+        result = sae.forward_train(x, self.selection_dtype, observe=not annealing, **select_kwargs)
         # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
         # depend on the activations' scale.
         variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)

@@ -54,11 +54,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import load_tokens
-from ..demo import quick_mode
 from ..evals import model_loss
-from ..sparsity import describe_mlps, lazy_neuron_stats
-from .specs import DEFAULT_MODEL, ZOO
-from .train import _lr_at
+from ..settings import quick_mode
+from ..zoo.specs import DEFAULT_MODEL, ZOO
+from ..zoo.train import _lr_at
+from .lazy import lazy_neuron_stats
+from .mlp import describe_mlps
 
 log = logging.getLogger(__name__)
 
