@@ -29,7 +29,7 @@ def split():
 @pytest.mark.parametrize("target", [0.8, 0.9])
 def test_cats_realises_the_target_on_held_out_tokens(relu, split, target):
     calibration, held_out = split
-    thresholds = CATS().fit((relu, calibration), target)
+    thresholds = CATS().fit((relu, calibration), target, sequential=False)
     # The target asks for more than ReLU's own zeros (≈ 50–75% here): every threshold is above 0.
     assert all(float(t) > 0 for t in thresholds.values.values())
     assert all(abs(r - target) < 1e-3 for r in thresholds.realised.values())
@@ -37,8 +37,8 @@ def test_cats_realises_the_target_on_held_out_tokens(relu, split, target):
         with torch.no_grad(), CATS().apply(relu, thresholds.select([layer])) as meter:
             relu(held_out, stop_at_layer=layer + 1)
         assert abs(meter.sparsity()[f"blocks.{layer}.mlp.x1"] - target) <= TOLERANCE, (layer, meter.sparsity())
-    # All layers at once: calibrated layer by layer on the sparsified model, the target still holds.
-    sequential = CATS().fit((relu, calibration), target, sequential=True)
+    # All layers at once, the default fit (layer by layer on the sparsified model): the target still holds.
+    sequential = CATS().fit((relu, calibration), target)
     with torch.no_grad(), CATS().apply(relu, sequential) as meter:
         relu(held_out)
     assert all(abs(value - target) <= TOLERANCE for value in meter.sparsity().values()), meter.sparsity()
@@ -49,6 +49,6 @@ def test_a_zoo_cache_alone_is_a_source(relu, split, tmp_path):
     hooks = [site.hook_post for site in describe_mlps(relu)]
     cache_activations(relu, calibration, hooks, tmp_path, dtype="float32", batch_size=8, progress=False)
     from_cache = CATS().fit(ActivationCache.open(tmp_path), 0.85)  # the model is found by its zoo name
-    from_model = CATS().fit((relu, calibration), 0.85)
+    from_model = CATS().fit((relu, calibration), 0.85, sequential=False)  # a cache holds dense activations
     assert from_cache.values.keys() == from_model.values.keys()
     assert all(torch.allclose(from_cache.values[k], from_model.values[k], rtol=1e-5) for k in from_model.values)

@@ -106,7 +106,7 @@ def test_chess_channel_thresholds_on_a_hand_worked_example():
     up = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
     # E[u²] = (1, 2); importance s²·E[u²] = [[1, 8], [9, 0.5]]; at 50% τ = 8 (third smallest),
     # so channel thresholds on |s| are √(8/1) and √(8/2) = 2.
-    tau, per_channel = chess_thresholds(gate, up, 0.5)
+    tau, per_channel = chess_thresholds(gate, up, 0.5, statistic="square")
     assert tau == 8.0 and torch.allclose(per_channel, torch.tensor([math.sqrt(8), 2.0]))
     assert threshold_keep(per_channel)(gate).tolist() == [[False, True], [True, False]]
     # The released code's statistic: |s|·E[|u|], E|u| = (1, 1): importance [[1, 2], [3, .5]], τ = 2.

@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers.tiny import tiny_model, tiny_tokens
 from workbench.cache import ActivationCache, cache_activations
-from workbench.sparsity import CATS, CETT, METHODS, TEAL, WINA, CacheSource, ModelSource, TopK, cett, describe_mlps, get_method
+from workbench.sparsity import CATS, CETT, METHODS, TEAL, WINA, CacheSource, ModelSource, TopK, cett, chess_thresholds, describe_mlps, get_method
 
 FLAVOURS = {"relu": dict(act_fn="relu"), "swiglu": dict(act_fn="silu", gated=True)}
 TARGET = {"cett": 0.2}  # CETT's target is a CETT value; the others' a sparsity
@@ -69,7 +69,7 @@ def test_apply_changes_the_output_and_leaves_the_model_unchanged(model, tokens, 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_fit_meets_the_target_and_apply_realises_what_fit_measured(model, tokens, name):
     method = get_method(name)
-    thresholds = method.fit((model, tokens), TARGET.get(name, 0.5))
+    thresholds = method.fit((model, tokens), TARGET.get(name, 0.5), sequential=False)
     assert thresholds.n_tokens == tokens.numel() and thresholds.layers == [0, 1]
     if name != "cett":
         assert abs(thresholds.realised_mean - 0.5) < 0.02
@@ -80,12 +80,25 @@ def test_fit_meets_the_target_and_apply_realises_what_fit_measured(model, tokens
         assert meter.sparsity()[key] == pytest.approx(thresholds.realised[key], abs=1e-6)
 
 
-def test_sequential_calibration_holds_the_target_with_every_layer_applied(model, tokens):
-    thresholds = CATS().fit((model, tokens), 0.6, sequential=True)
-    with torch.no_grad(), CATS().apply(model, thresholds) as meter:
+@pytest.mark.parametrize("name", ["cats", "teal", "chess"])
+def test_the_default_fit_holds_the_target_with_every_layer_applied(model, tokens, name):
+    # Several layers from a model: calibrated layer by layer on the sparsified model by default.
+    method = get_method(name)
+    thresholds = method.fit((model, tokens), 0.6)
+    with torch.no_grad(), method.apply(model, thresholds) as meter:
         model(tokens)
     assert meter.sparsity() == pytest.approx(thresholds.realised, abs=1e-6)
     assert all(abs(value - 0.6) < 0.01 for value in meter.sparsity().values())
+
+
+def test_chess_defaults_to_the_released_codes_statistic(tokens):
+    model = _model("swiglu")
+    site = describe_mlps(model)[0]
+    assert get_method("chess").statistic == "abs"
+    thresholds = get_method("chess").fit((model, tokens), 0.5).select([0])
+    acts = ModelSource(model, tokens).collect([site.hook_pre, site.hook_pre_linear])
+    _, expected = chess_thresholds(site.act(acts[site.hook_pre]).abs(), acts[site.hook_pre_linear], 0.5, "abs")
+    assert torch.allclose(thresholds.values["blocks.0.mlp.gate"], expected)
 
 
 def test_top_k_methods_keep_exactly_k_per_token_and_wina_weighs_by_w_out(tokens):
@@ -145,7 +158,7 @@ def test_cats_on_a_gated_mlp_zeroes_the_gate_so_dropped_neurons_keep_only_b_in(t
 
 
 def test_cett_method_thresholds_are_epsilon_over_the_down_projection_norms(model, tokens):
-    thresholds = CETT(rtol=1e-6).fit((model, tokens), 0.2)
+    thresholds = CETT(rtol=1e-6).fit((model, tokens), 0.2, sequential=False)
     _, dense = model.run_with_cache(tokens)
     for site in describe_mlps(model):
         epsilon = thresholds.extras[f"blocks.{site.layer}.mlp.epsilon"]
@@ -193,7 +206,7 @@ def test_fitting_from_a_cache_equals_fitting_from_the_model(model, tokens, tmp_p
     cache_activations(model, tokens, hooks, tmp_path, dtype="float32", batch_size=4, shard_tokens=64, progress=False)
     cache = ActivationCache.open(tmp_path)
     for method in (TEAL(), CATS(), get_method("chess"), get_method("fat")):
-        from_model = method.fit((model, tokens), 0.5)
+        from_model = method.fit((model, tokens), 0.5, **({} if method.name == "fat" else {"sequential": False}))
         from_cache = method.fit((cache, model), 0.5)
         assert from_cache.values.keys() == from_model.values.keys()
         for key, value in from_model.values.items():

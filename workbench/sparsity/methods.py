@@ -21,7 +21,7 @@ value. ``apply`` composes: nest several, or filter layers with ``Thresholds.sele
 | fat    | gate (gated) / x1  | |act(gate)| / |h|         | one global ε          | Zhang et al. 2024 (FAT-ε) |
 | cett   | x1                 | |x1|·‖W_out[:, i]‖        | per-layer ε by CETT   | Zhang et al. 2024; Luo et al. 2024 |
 | teal   | input, x1          | |x|                       | per-layer quantile    | Liu et al. 2024 |
-| chess  | gate (gated) / x1  | s_i²·E[u_i²]              | per-channel threshold | He et al. 2024 |
+| chess  | gate (gated) / x1  | |s_i|·E[|u_i|]            | per-channel threshold | He et al. 2024 |
 | wina   | input, x1          | |x_i|·‖W[:, i]‖           | k per token           | Chen et al. 2025 |
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_TOKENS = 16_384
 DEFAULT_MEMORY_BYTES = 1 << 30  # activations held at once while calibrating
+FORWARD_ORDER = ("input", "gate", "x1")  # where a layer's sites sit in its forward pass
 
 
 @dataclass
@@ -132,32 +133,57 @@ class SparsityMethod:
         raise NotImplementedError
 
     # --- the interface -------------------------------------------------------------------
-    def fit(self, source, target: float, sequential: bool = False) -> Thresholds:
+    def fit(self, source, target: float, sequential: bool | None = None) -> Thresholds:
         """Calibrate on ``source`` ((model, tokens), a cache, or (cache, model)) for ``target``.
 
-        Layers are calibrated on dense activations, in as few passes as ``memory_bytes``
-        allows. Sparsifying every layer at once then shifts the later layers' inputs, and
-        their realised sparsity drifts from the target (on the zoo's ReLU model, CATS at
-        s = 0.8 realises ≈ 0.76 in layer 1). ``sequential=True`` (a model source only)
-        calibrates each layer with the layers before it already sparsified, one pass per
-        layer, so the target holds with all layers applied together.
+        Sparsifying every layer at once shifts the later layers' inputs: thresholds taken
+        from dense activations then miss their target once all layers are applied (on the
+        zoo's ReLU model, CATS at s = 0.8 realises ≈ 0.77 in layer 1). So with a model source
+        and several layers the default (``sequential=None``) calibrates each layer with the
+        layers before it already sparsified, one pass per layer, and the target holds with
+        all layers applied together. ``sequential=False`` calibrates every layer on dense
+        activations (in as few passes as ``memory_bytes`` allows): right for one layer alone,
+        and all a cache allows (it holds dense activations only; a warning says so).
+        Top-k methods keep k per token whatever their input, so they need no ordering.
         """
         _check_fraction(target)
         src = as_source(source)
+        several = len(src.sites) > 1 and not self.topk
+        if sequential is None:
+            sequential = several and isinstance(src, ModelSource)
+            if several and not sequential:
+                log.warning("%s: calibrating from a cache, on dense activations; with several layers applied at once "
+                            "the realised sparsity drifts from the target (fit (model, tokens) for a sequential fit)",
+                            self.name)
         if sequential and not isinstance(src, ModelSource):
             raise ValueError("sequential calibration runs the sparsified model: pass (model, tokens)")
         thresholds = Thresholds(self.name, float(target))
-        for group in ([[site] for site in src.sites] if sequential else self._groups(src)):
-            with self.apply(src.model, thresholds) if sequential else nullcontext():
-                acts = src.collect(sorted({n for site in group for n in self.needs(site)}), self.max_tokens)
+        if sequential:
+            self._fit_sequential(src, target, thresholds)
+            return thresholds
+        for group in self._groups(src):
+            acts = src.collect(sorted({n for site in group for n in self.needs(site)}), self.max_tokens)
             for site in group:
                 values = self.fit_site(site, acts, target, thresholds.extras)
                 thresholds.values.update(values)
                 thresholds.realised.update(_realised(self.masks(site, values), acts))
-                log.debug("%s layer %d: realised %s", self.name, site.layer, {k: thresholds.realised[k] for k in values})
             thresholds.n_tokens = next(iter(acts.values())).shape[0]
             del acts
         return thresholds
+
+    def _fit_sequential(self, src, target: float, thresholds: Thresholds) -> None:
+        """Calibrate site by site in forward order (layers, and within a layer the MLP input
+        before x1), each on the model with every site before it already sparsified."""
+        for site in src.sites:
+            wheres = sorted(self.wheres(site), key=FORWARD_ORDER.index)
+            for where in wheres:
+                with self.apply(src.model, thresholds):
+                    acts = src.collect(self.needs(site), self.max_tokens)
+                values = {key: value for key, value in self.fit_site(site, acts, target, thresholds.extras).items()
+                          if key == site_key(site.layer, where)}
+                thresholds.values.update(values)
+                thresholds.realised.update(_realised(self.masks(site, values), acts))
+                thresholds.n_tokens = next(iter(acts.values())).shape[0]
 
     def _groups(self, src) -> list[list[MLPSite]]:
         """Layers packed into passes whose collected activations fit ``memory_bytes``."""
@@ -318,7 +344,7 @@ class FAT(_GateOrH):
 
     name = "fat"
 
-    def fit(self, source, target, sequential=False):
+    def fit(self, source, target, sequential=None):
         _check_fraction(target)
         if sequential:
             raise ValueError("FAT-ε has one ε for all layers: there is no layer-by-layer calibration")
@@ -368,19 +394,23 @@ class CHESS(_GateOrH):
     """CHESS channel-wise thresholding (He et al. 2024, "CHESS: Optimizing LLM Inference via
     Channel-Wise Thresholding and Selective Sparsification", EMNLP 2024), FFN part only.
 
-    Gated MLPs: the importance of gate entry s_i = act(W_gate x)_i is s_i²·E[u_i²], u the up
-    projection (E over calibration tokens); τ_ℓ = the target quantile of the importance over
-    the layer, and channel i keeps |s_i| ≥ t_i = √(τ_ℓ / E[u_i²]). ``statistic="abs"`` scores
-    |s_i|·E[|u_i|] with t_i = τ_ℓ / E[|u_i|], as the authors' released threshold script does.
+    Gated MLPs: gate entry s_i = act(W_gate x)_i, up projection u. CHESS' objective is the
+    error ‖u ⊙ s − u ⊙ ŝ‖² of dropping gate entries (He et al. 2024, §3); its channel-wise
+    threshold replaces u_i by a calibration statistic. The default, ``statistic="abs"``,
+    is the released code's threshold script: importance |s_i|·E[|u_i|], τ_ℓ = the target
+    quantile of the importance over the layer, and channel i keeps |s_i| ≥ τ_ℓ / E[|u_i|].
+    ``statistic="square"`` is the squared objective taken literally: s_i²·E[u_i²] with
+    t_i = √(τ_ℓ / E[u_i²]). (We could not check the paper's printed equation for which
+    moment it uses, so the released code decides the default.)
     Plain MLPs have no up projection (u ≡ 1), and CHESS reduces to CATS on |h|.
     """
 
     name = "chess"
 
-    def __init__(self, statistic: str = "square", **kwargs):
+    def __init__(self, statistic: str = "abs", **kwargs):
         super().__init__(**kwargs)
         if statistic not in {"square", "abs"}:
-            raise ValueError(f"statistic must be 'square' (the paper) or 'abs' (the released code), got {statistic!r}")
+            raise ValueError(f"statistic must be 'abs' (the released code) or 'square' (the squared objective), got {statistic!r}")
         self.statistic = statistic
 
     def needs(self, site):
@@ -396,7 +426,7 @@ class CHESS(_GateOrH):
         return {site_key(site.layer, self.wheres(site)[0]): thresholds}
 
 
-def chess_thresholds(gate: Tensor, up: Tensor, sparsity: float, statistic: str = "square") -> tuple[float, Tensor]:
+def chess_thresholds(gate: Tensor, up: Tensor, sparsity: float, statistic: str = "abs") -> tuple[float, Tensor]:
     """CHESS' layer importance threshold τ and per-channel thresholds on |gate| (see ``CHESS``).
 
     gate, up: [tokens, d_mlp] (gate = act(W_gate x)). A channel with E[u²] = 0 has zero
