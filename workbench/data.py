@@ -142,3 +142,30 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
 
 def corpus_sha256(corpus: str = DEFAULT_CORPUS, split: Split = "train") -> str:
     return token_stream(corpus, split)[1]["corpus_sha256"]
+
+
+def check_disjoint(calibration: torch.Tensor, evaluation: torch.Tensor, what: str = "calibration") -> None:
+    """Refuse ``calibration`` and ``evaluation`` token sets [n_seq, seq_len] that share a row.
+
+    ``load_tokens`` rows are fixed, non-overlapping windows of a split, so two sets taken
+    from it overlap exactly when they share rows (``load_tokens(split, n)`` always starts at
+    the split's first row: slice one larger call instead). Sets with different row lengths
+    cannot be compared row by row: that is said in a warning rather than passed silently.
+    """
+    if calibration.ndim != 2 or evaluation.ndim != 2:
+        raise ValueError(f"token sets must be [n_seq, seq_len]; got {tuple(calibration.shape)} and {tuple(evaluation.shape)}")
+    if calibration.shape[1] != evaluation.shape[1]:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "cannot check that the %s and evaluation tokens are disjoint (rows of %d and %d tokens): make sure they "
+            "come from different text", what, calibration.shape[1], evaluation.shape[1])
+        return
+    seen = {row.numpy().tobytes() for row in evaluation.cpu()}
+    shared = sum(row.numpy().tobytes() in seen for row in calibration.cpu())
+    if shared:
+        raise ValueError(
+            f"{shared} of the {calibration.shape[0]} {what} sequences also occur in the evaluation tokens: a number "
+            "fitted and scored on the same text is not held out. Take disjoint slices of one call, e.g. "
+            "rows = load_tokens('stdlib', 'val', n_tokens=a + b); calibration, evaluation = rows[:a // seq_len], "
+            "rows[a // seq_len:]")

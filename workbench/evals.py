@@ -9,20 +9,41 @@ import torch
 
 
 @torch.no_grad()
+def sequence_losses(model, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """[n_seq] float64: each sequence's summed next-token cross-entropy (nats), for means and
+    bootstrap intervals over sequences."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n_seq, seq_len >= 2], got shape {tuple(tokens.shape)}")
+    sums = []
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start:start + batch_size].to(model.cfg.device)
+        sums.append(model(batch, return_type="loss", loss_per_token=True).double().sum(1).cpu())
+    return torch.cat(sums)
+
+
 def model_loss(model, tokens: torch.Tensor, batch_size: int = 64) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` over all predicted positions.
 
     Summed in float64 across batches so the mean does not depend on the batch size.
     """
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [n_seq, seq_len >= 2], got shape {tuple(tokens.shape)}")
-    total, count = 0.0, 0
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start:start + batch_size].to(model.cfg.device)
-        loss = model(batch, return_type="loss", loss_per_token=True)
-        total += float(loss.double().sum())
-        count += loss.numel()
-    return total / count
+    return float(sequence_losses(model, tokens, batch_size).sum()) / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+
+def bootstrap_ratio_ci(dense: torch.Tensor, sparse: torch.Tensor, tokens_per_sequence: int, n_resamples: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the perplexity ratio exp(mean loss sparse − mean loss
+    dense), resampling sequences (paired: one draw picks a sequence's dense and sparse loss).
+
+    ``dense``, ``sparse``: [n_seq] summed losses per sequence (``sequence_losses``). Sequences,
+    not tokens, are the unit: tokens of one sequence are not independent.
+    """
+    if dense.shape != sparse.shape or dense.ndim != 1 or dense.numel() < 2:
+        raise ValueError(f"need two [n_seq ≥ 2] loss vectors of one shape, got {tuple(dense.shape)} and {tuple(sparse.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(dense.numel(), (n_resamples, dense.numel()), generator=generator)
+    gap = (sparse.double() - dense.double())[picks].sum(1) / (dense.numel() * tokens_per_sequence)
+    low, high = torch.quantile(gap.exp(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(low), float(high)
 
 
 # --- SAE evaluation ------------------------------------------------------------------------

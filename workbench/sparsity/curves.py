@@ -1,8 +1,10 @@
 """Sparsity–performance curves and the Sparsing-Law trend, as tables and paper figures.
 
 - ``sparsity_performance``: for each training-free method and target, calibrate on one set
-  of tokens, sparsify, and measure the perplexity ratio to the dense model and the
-  activation ratio (1 − realised sparsity at the method's sites) on held-out tokens.
+  of tokens, sparsify, and measure on disjoint held-out tokens the perplexity ratio to the
+  dense model (with a bootstrap interval over sequences), the realised sparsity of each
+  tensor the method touches, and the fraction of MLP FLOPs a kernel could skip
+  (``flops.py``: the one axis on which input, gate and x1 sparsity compare).
 - ``sparsing_law``: the activation ratio at PPL-p% along a zoo model's training
   checkpoints (Luo et al. 2024, "Sparsing Law": ReLU models grow sparser with training
   tokens, SiLU models do not, or less).
@@ -14,9 +16,12 @@ import math
 
 from torch import Tensor
 
-from ..evals import model_loss
+from ..data import check_disjoint
+from ..evals import bootstrap_ratio_ci, sequence_losses
+from .flops import flops_skipped
 from .methods import get_method
-from .ppl import ppl_p_sparsity
+from .mlp import describe_mlps
+from .ppl import PPLSearch
 
 METHODS = ("cats", "topk", "fat", "teal", "chess", "wina", "cett")
 TARGETS = (0.5, 0.7, 0.8, 0.9)
@@ -25,19 +30,33 @@ CETT_TARGETS = (0.05, 0.1, 0.2, 0.3)
 
 
 def sparsity_performance(model, tokens: Tensor, calibration: Tensor, methods=METHODS, targets=TARGETS,
-                         cett_targets=CETT_TARGETS, model_name: str = "") -> list[dict]:
-    """One row per (method, target): activation ratio and perplexity ratio on ``tokens``,
-    thresholds calibrated on ``calibration`` (both [n_seq, seq_len], disjoint)."""
-    dense = model_loss(model, tokens)
+                         cett_targets=CETT_TARGETS, model_name: str = "", progress: bool = True) -> list[dict]:
+    """One row per (method, target), measured on held-out ``tokens`` with thresholds calibrated
+    on ``calibration`` (both [n_seq, seq_len]; they must share no sequence): the realised
+    sparsity of the MLP input, gate and x1 (mean over layers; None where the method leaves
+    that tensor dense), the fraction of MLP FLOPs skipped, and the perplexity ratio to the
+    dense model with its 95% bootstrap interval over sequences."""
+    from tqdm.auto import tqdm
+
+    check_disjoint(calibration, tokens)
+    sites = describe_mlps(model)
+    dense = sequence_losses(model, tokens)
+    per_sequence = tokens.shape[1] - 1
+    n_tokens = tokens.shape[0] * per_sequence
+    todo = [(name, target) for name in methods for target in (cett_targets if name == "cett" else targets)]
     rows = []
-    for name in methods:
+    for name, target in tqdm(todo, desc=f"methods × targets {model_name}".strip(), disable=not progress):
         method = get_method(name, max_tokens=calibration.numel())
-        for target in cett_targets if name == "cett" else targets:
-            thresholds = method.fit((model, calibration), target)
-            with method.apply(model, thresholds) as meter:
-                loss = model_loss(model, tokens)
-            rows.append({"model": model_name, "method": name, "target": target, "activation_ratio": 1 - meter.mean,
-                         "ppl_ratio": math.exp(loss - dense)})
+        thresholds = method.fit((model, calibration), target)
+        with method.apply(model, thresholds) as meter:
+            sparse = sequence_losses(model, tokens)
+        realised = meter.sparsity()
+        by_tensor = {where: [v for k, v in realised.items() if k.endswith(f".{where}")] for where in ("input", "gate", "x1")}
+        low, high = bootstrap_ratio_ci(dense, sparse, per_sequence)
+        rows.append({"model": model_name, "method": name, "target": target,
+                     **{f"{where}_sparsity": (sum(v) / len(v) if v else None) for where, v in by_tensor.items()},
+                     "flops_skipped": flops_skipped(sites, realised),
+                     "ppl_ratio": math.exp(float(sparse.sum() - dense.sum()) / n_tokens), "ppl_ci_low": low, "ppl_ci_high": high})
     return rows
 
 
@@ -55,21 +74,26 @@ def training_points(name: str) -> list[tuple[int, object]]:
     return points
 
 
-def sparsing_law(name: str, tokens: Tensor, p: float = 0.01, device=None, **search) -> list[dict]:
+def sparsing_law(name: str, tokens: Tensor, calibration: Tensor, p: float = 0.01, device=None, **search) -> list[dict]:
     """Activation ratio at PPL-p% for each shipped training checkpoint of zoo model ``name``
-    (and the final model), in training order."""
+    (and the final model), in training order: searched on ``calibration``, measured on the
+    held-out ``tokens``."""
     from ..models import load_model
 
+    check_disjoint(calibration, tokens)
     rows = []
     for tokens_seen, path in training_points(name):
-        result = ppl_p_sparsity(load_model(name, device=device, checkpoint=path), tokens, p=p, **search)
+        searcher = PPLSearch(load_model(name, device=device, checkpoint=path), calibration, **search)
+        result = searcher.score(searcher.solve(p), tokens)
         rows.append({"model": name, "tokens_seen": tokens_seen, "activation_ratio": result.activation_ratio,
-                     "cett": result.cett, "ppl_ratio": result.ppl_ratio, "dense_loss": result.dense_loss})
+                     "cett": result.cett, "search_ppl_ratio": result.search_ppl_ratio, "ppl_ratio": result.ppl_ratio,
+                     "ppl_ci_low": result.ppl_ratio_ci[0], "ppl_ci_high": result.ppl_ratio_ci[1], "dense_loss": result.dense_loss})
     return rows
 
 
 def plot_sparsity_performance(rows: list[dict], width: str | float = "double"):
-    """Perplexity ratio vs activation ratio, one panel per model, one line per method."""
+    """Perplexity ratio (log scale, 95% bootstrap intervals) vs the fraction of MLP FLOPs
+    skipped, one panel per model, one line per method."""
     from ..figures import paper_figure, paper_style
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -77,10 +101,13 @@ def plot_sparsity_performance(rows: list[dict], width: str | float = "double"):
         fig, axes = paper_figure(width, aspect=0.36, ncols=len(models), squeeze=False, sharey=True)
         for ax, model in zip(axes[0], models):
             for method in dict.fromkeys(r["method"] for r in rows):
-                mine = sorted((r for r in rows if r["model"] == model and r["method"] == method), key=lambda r: r["activation_ratio"])
-                ax.plot([r["activation_ratio"] for r in mine], [r["ppl_ratio"] for r in mine], marker="o", markersize=3, label=method)
+                mine = sorted((r for r in rows if r["model"] == model and r["method"] == method), key=lambda r: r["flops_skipped"])
+                x, y = [r["flops_skipped"] for r in mine], [r["ppl_ratio"] for r in mine]
+                errors = [[v - r["ppl_ci_low"] for v, r in zip(y, mine)], [r["ppl_ci_high"] - v for v, r in zip(y, mine)]]
+                ax.errorbar(x, y, yerr=errors, marker="o", markersize=3, capsize=1.5, label=method)
             ax.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8)
-            ax.set(xlabel="activation ratio", title=model)
+            ax.set_yscale("log")
+            ax.set(xlabel="fraction of MLP FLOPs skipped", title=model)
         axes[0][0].set_ylabel("perplexity ratio (sparse / dense)")
         axes[0][-1].legend(fontsize="small")
         fig.tight_layout()

@@ -45,15 +45,18 @@ def lazy_over_training(name: str, tokens: Tensor, eps: float = 1e-2, device=None
     return rows
 
 
-def ppl_table(models: dict, tokens: Tensor, ps=PS, **search) -> list[dict]:
-    """One row per (model, p): the global CETT, its perplexity ratio, the activation ratio
-    overall and per layer, and what the search cost (passes over ``tokens``, seconds)."""
+def ppl_table(models: dict, tokens: Tensor, calibration: Tensor, ps=PS, **search) -> list[dict]:
+    """One row per (model, p): the global CETT searched on ``calibration``, the perplexity
+    ratio there and on the held-out ``tokens`` (with its 95% bootstrap interval), the
+    held-out activation ratio overall and per layer, and what the search cost (passes over
+    the calibration tokens, seconds)."""
     rows = []
     for name, model in models.items():
-        searcher = PPLSearch(model, tokens, **search)
+        searcher = PPLSearch(model, calibration, **search)
         for p in ps:
-            result = searcher.solve(p)
-            rows.append({"model": name, "p": p, "cett": result.cett, "ppl_ratio": result.ppl_ratio,
+            result = searcher.score(searcher.solve(p), tokens)
+            rows.append({"model": name, "p": p, "cett": result.cett, "search_ppl_ratio": result.search_ppl_ratio,
+                         "ppl_ratio": result.ppl_ratio, "ppl_ci": f"[{result.ppl_ratio_ci[0]:.4f}, {result.ppl_ratio_ci[1]:.4f}]",
                          "activation_ratio": result.activation_ratio,
                          "layer_activation_ratio": [round(r, 4) for r in result.layer_activation_ratio],
                          "passes": result.passes, "seconds": result.seconds})
@@ -81,9 +84,10 @@ STUDY_PARTS = ("lazy", "ppl", "curves", "law", "prosparse")
 def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, calibration_tokens: int = 16_384,
               ps=PS, methods=None, targets=None, out_dir="figures", say=print) -> dict[str, list[dict]]:
     """The whole study on zoo models ``names``: each part's table printed with ``say`` and
-    its figure saved to ``out_dir``. Evaluation and calibration tokens are disjoint slices
-    of the validation split. Returns the tables by part."""
-    from ..data import load_tokens
+    its figure saved to ``out_dir``. Calibration tokens (thresholds, the PPL-p% search) and
+    evaluation tokens (every reported number) are disjoint slices of the validation split,
+    checked by ``check_disjoint``. Returns the tables by part."""
+    from ..data import check_disjoint, load_tokens
     from ..figures import save_figure
     from ..models import load_model
     from ..tables import markdown_table
@@ -96,14 +100,16 @@ def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, ca
     seq = val.shape[1]
     evaluation = val[: max(1, eval_tokens // seq)]
     calibration = val[evaluation.shape[0]: evaluation.shape[0] + max(1, calibration_tokens // seq)]
+    check_disjoint(calibration, evaluation)
     models = {name: load_model(name) for name in names}
     tables: dict[str, list[dict]] = {}
     if "lazy" in parts:
         tables["lazy"] = lazy_table(models, evaluation)
         say("lazy neurons (Li et al. 2022), per layer", markdown_table(tables["lazy"]))
     if "ppl" in parts:
-        tables["ppl"] = ppl_table(models, evaluation, ps=ps, calibration_tokens=calibration_tokens)
-        say("PPL-p% sparsity (Luo et al. 2024): one global CETT, all layers masked together",
+        tables["ppl"] = ppl_table(models, evaluation, calibration, ps=ps)
+        say("PPL-p% sparsity (Luo et al. 2024): one global CETT searched on the calibration tokens, all layers "
+            "masked together; ratios on held-out tokens",
             markdown_table(tables["ppl"]))
     if "curves" in parts:
         rows = []
@@ -112,7 +118,7 @@ def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, ca
                                                 **({"methods": methods} if methods else {}),
                                                 **({"targets": targets} if targets else {}))
         tables["curves"] = rows
-        say("training-free methods: perplexity ratio vs activation ratio", markdown_table(rows))
+        say("training-free methods on held-out tokens: perplexity ratio vs MLP FLOPs skipped", markdown_table(rows))
         paths = save_figure(curves.plot_sparsity_performance(rows), "sparsity_performance", out_dir=out_dir)
         say("figure", ", ".join(str(p) for p in paths))
     if "law" in parts:
@@ -124,7 +130,7 @@ def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, ca
             say("Sparsing Law", f"skipped {sorted(set(names) - set(with_checkpoints))}: no training checkpoints "
                                 "(shipped for stdlib-relu and stdlib-swiglu; `python -m workbench.zoo train NAME` makes them)")
         for name in with_checkpoints:
-            rows += curves.sparsing_law(name, evaluation, p=ps[0], calibration_tokens=calibration_tokens)
+            rows += curves.sparsing_law(name, evaluation, calibration, p=ps[0])
             lazy_rows += lazy_over_training(name, evaluation)
         tables["law"], tables["lazy_training"] = rows, lazy_rows
         say(f"Sparsing Law: activation ratio at PPL-{ps[0]:.0%} along training", markdown_table(rows))
