@@ -73,9 +73,22 @@ def figure_size(width: str | float = "single", aspect: float = 0.62) -> tuple[fl
 
 @contextlib.contextmanager
 def paper_style() -> Iterator[None]:
-    """Apply the paper style inside a ``with`` block (global rcParams are restored after)."""
-    with matplotlib.rc_context(PAPER_RC):
+    """Apply the paper style inside a ``with`` block; the keys it sets are restored after.
+
+    Not ``matplotlib.rc_context``: that restores *every* rcParam on exit. In a notebook the
+    first ``import matplotlib.pyplot`` switches on interactive mode (IPython's inline
+    backend); done inside ``rc_context``, that was undone on exit, and no later cell of the
+    kernel showed its figure. So pyplot is imported (and the backend resolved) first, and
+    only the style's own keys are put back.
+    """
+    import matplotlib.pyplot  # noqa: F401  (backend set-up happens here, outside the style)
+
+    saved = {key: matplotlib.rcParams[key] for key in PAPER_RC}
+    matplotlib.rcParams.update(PAPER_RC)
+    try:
         yield
+    finally:
+        matplotlib.rcParams.update(saved)
 
 
 def use_paper_style() -> None:

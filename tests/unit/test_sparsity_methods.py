@@ -280,3 +280,12 @@ def test_sources_return_x1_without_the_gated_bias(tokens):
     _, dense = model.run_with_cache(tokens, names_filter=lambda n: n in (site.hook_pre, site.hook_pre_linear))
     x1 = (site.act(dense[site.hook_pre]) * dense[site.hook_pre_linear]).reshape(-1, site.d_mlp)
     assert torch.allclose(got, x1, atol=1e-6)
+
+
+def test_fat_defaults_to_the_gate_of_gated_mlps(tokens):
+    model = _model("swiglu")
+    thresholds = get_method("fat").fit((model, tokens), 0.5)
+    assert list(thresholds.values) == ["blocks.0.mlp.gate", "blocks.1.mlp.gate"]
+    assert list(get_method("fat", on="x1").fit((model, tokens), 0.5).values) == ["blocks.0.mlp.x1", "blocks.1.mlp.x1"]
+    with pytest.raises(ValueError, match="on must be"):
+        get_method("topk", on="up")
