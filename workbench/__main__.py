@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demo on the offline default model")
-    demo.add_argument("--out", default="figures", help="folder for the exported figures")
+    demo.add_argument("--out", default=None, help="folder for the exported figures (default: figures/ at the repository root)")
     train = sub.add_parser("train", help="train SAEs on a cached hook (several configs share one pass)")
     train.add_argument("--cache", required=True, help="activation cache folder (from `python -m workbench cache`)")
     train.add_argument("--hook", required=True, help="hook of the cache to train on")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     sparsity.add_argument("--methods", nargs="+", default=None, help="training-free methods for the curves (default: all)")
     sparsity.add_argument("--eval-tokens", type=int, default=32_768, help="validation tokens for perplexity")
     sparsity.add_argument("--calibration-tokens", type=int, default=16_384, help="other validation tokens for thresholds")
-    sparsity.add_argument("--out", default="figures", help="folder for the figures")
+    sparsity.add_argument("--out", default=None, help="folder for the figures (default: figures/ at the repository root)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("workbench").setLevel(logging.INFO)  # ours only: not every library's INFO chatter

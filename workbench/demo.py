@@ -99,7 +99,7 @@ def _sparsity_stage(out_dir) -> dict:
     return {"sparsity_ppl": tables["ppl"], "prosparse": tables["prosparse"]}
 
 
-def run_demo(out_dir: str | Path = "figures") -> dict:
+def run_demo(out_dir: str | Path | None = None) -> dict:
     """Run every stage of the tour; returns the measured numbers (also printed)."""
     import workbench as wb
     from workbench.evals import model_loss

@@ -105,20 +105,39 @@ def paper_figure(width: str | float = "single", aspect: float = 0.62, nrows: int
     return fig, axes
 
 
-def save_figure(fig, name: str, formats: Sequence[str] = FORMATS, out_dir: str | Path = "figures/") -> list[Path]:
+class SavedFigure(list):
+    """The paths ``save_figure`` wrote (a list of Paths), shown in a notebook as one line."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no figure written"
+        first = self[0]
+        return f"saved {first.stem}.{{{','.join(p.suffix[1:] for p in self)}}} in {first.parent}"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<code>{html.escape(repr(self))}</code>"
+
+
+def save_figure(fig, name: str, formats: Sequence[str] = FORMATS, out_dir: str | Path | None = None) -> SavedFigure:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; returns the paths written.
 
+    ``out_dir`` defaults to ``paths.figures_dir()``: ``figures/`` at the repository root,
+    the same from a notebook, a script or the demo (``WORKBENCH_FIGURES`` moves it).
     Saving happens inside the paper style, so font embedding holds even for a figure made
     outside it.
     """
+    from .paths import figures_dir
+
     unknown = [fmt for fmt in formats if fmt not in FORMATS]
     if unknown:
         raise ValueError(f"unsupported figure formats {unknown}; choose from {FORMATS}")
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"figure name must be a plain file stem such as 'loss_per_token', got {name!r}")
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else figures_dir()
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths = SavedFigure()
     with paper_style():
         for fmt in formats:
             path = out / f"{name}.{fmt}"

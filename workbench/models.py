@@ -141,7 +141,7 @@ def _load_zoo_model(name: str, device: torch.device, checkpoint: str | Path | No
             f"{weights_path} does not match the {name} architecture: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}. Re-train it with `python -m workbench.zoo train {name}`."
         )
-    model.to(device)
+    model.to(device, print_details=False)  # TransformerLens prints "Moving model to device" otherwise
     model.eval()
     return model
 

@@ -25,6 +25,12 @@ def cache_dir() -> Path:
     return path
 
 
+def figures_dir() -> Path:
+    """Where ``save_figure`` writes by default: ``figures/`` at the repository root, whatever
+    the working directory (a notebook runs in ``notebooks/``); ``WORKBENCH_FIGURES`` moves it."""
+    return Path(os.environ.get("WORKBENCH_FIGURES", REPO_ROOT / "figures"))
+
+
 def checkpoints_dir() -> Path:
     """Git-ignored intermediate training checkpoints of the zoo models."""
     return data_dir() / "checkpoints"

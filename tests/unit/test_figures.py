@@ -58,3 +58,15 @@ def test_bad_arguments_are_explained(tmp_path, kwargs, message):
 def test_bad_width_is_explained():
     with pytest.raises(ValueError, match="width must be one of"):
         figures.figure_size("triple")
+
+
+def test_default_folder_is_the_repository_figures_whatever_the_working_directory(tmp_path, monkeypatch):
+    from workbench.paths import REPO_ROOT, figures_dir
+
+    monkeypatch.delenv("WORKBENCH_FIGURES", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert figures_dir() == REPO_ROOT / "figures"
+    monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "elsewhere"))
+    saved = figures.save_figure(_simple_figure(), "where", formats=("png", "pdf"))
+    assert saved == [tmp_path / "elsewhere" / "where.png", tmp_path / "elsewhere" / "where.pdf"]
+    assert repr(saved) == f"saved where.{{png,pdf}} in {tmp_path / 'elsewhere'}"  # one line, not a list of PosixPaths

@@ -82,7 +82,7 @@ STUDY_PARTS = ("lazy", "ppl", "curves", "law", "prosparse")
 
 
 def run_study(names: list[str], parts=STUDY_PARTS, eval_tokens: int = 32_768, calibration_tokens: int = 16_384,
-              ps=PS, methods=None, targets=None, out_dir="figures", say=print) -> dict[str, list[dict]]:
+              ps=PS, methods=None, targets=None, out_dir=None, say=print) -> dict[str, list[dict]]:
     """The whole study on zoo models ``names``: each part's table printed with ``say`` and
     its figure saved to ``out_dir``. Calibration tokens (thresholds, the PPL-p% search) and
     evaluation tokens (every reported number) are disjoint slices of the validation split,

@@ -1,40 +1,68 @@
-"""A live-updating training plot for notebooks: loss, FVU, L0 and dead fraction per SAE."""
+"""A live training plot for notebooks: loss, FVU, L0 and dead fraction per SAE.
+
+It is one PNG in one display handle, replaced in place on each ``update``. Not an
+ipywidgets ``Output``: that context manager swallows exceptions raised inside it, so a
+Kernel → Interrupt landing during a redraw was caught there and training carried on; and a
+saved notebook shows an ``Output`` as the text ``Output()``. A display handle raises like
+any code and leaves its last image in the saved notebook: the final curves.
+"""
 
 from __future__ import annotations
 
-METRICS = (("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
+import io
+
+METRICS = (("loss", "loss", True), ("fvu", "FVU", True), ("l0", "L0", False), ("dead_fraction", "dead fraction", False))
+"""(history key, panel title, log scale): loss and FVU span orders of magnitude while training."""
+
+
+def plot_history(labels: list[str], history: list[list[dict]], width: str | float = "double"):
+    """The four panels against training tokens (millions), one line with markers per SAE and
+    one shared legend under the panels (never over the tick labels). Returns the figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    from ..figures import paper_figure, paper_style
+
+    with paper_style():
+        fig, axes = paper_figure(width, aspect=0.3, ncols=len(METRICS))
+        for ax, (key, title, log_scale) in zip(axes, METRICS):
+            for label, rows in zip(labels, history):
+                # Markers, so a curve of one point (the first log step) is still visible.
+                ax.plot([r["tokens"] / 1e6 for r in rows], [r[key] for r in rows], marker="o", markersize=2, label=label)
+            ax.set_title(title)
+            ax.set_xlabel("tokens (M)")
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+            if log_scale and all(r[key] > 0 for rows in history for r in rows):
+                ax.set_yscale("log")
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.14 if handles else 0, 1, 1))
+        if handles:
+            fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=6)
+    return fig
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 class LivePlot:
-    """One ipywidgets Output holding a 1×4 paper-style figure, redrawn on ``update``."""
+    """Redraws ``plot_history`` into one notebook display slot."""
 
     def __init__(self, labels: list[str]):
-        import ipywidgets
-        from IPython.display import display
-
         self.labels = labels
-        self.output = ipywidgets.Output()
-        display(self.output)
+        self.handle = None
 
     def update(self, history: list[list[dict]]) -> None:
-        import matplotlib.pyplot as plt
+        from IPython.display import Image, display
 
-        from ..figures import paper_figure, paper_style
-
-        fig, axes = paper_figure("double", aspect=0.25, ncols=len(METRICS))
-        with paper_style():
-            for ax, (key, title) in zip(axes, METRICS):
-                for label, rows in zip(self.labels, history):
-                    ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], label=label)
-                ax.set_title(title)
-                ax.set_xlabel("tokens")
-                if key in ("loss", "fvu"):
-                    ax.set_yscale("log")
-            axes[0].legend(fontsize=6)
-            fig.tight_layout()
-        with self.output:
-            self.output.clear_output(wait=True)
-            from IPython.display import display
-
-            display(fig)
-        plt.close(fig)
+        if not any(history):
+            return
+        image = Image(data=_png(plot_history(self.labels, history)), format="png")
+        if self.handle is None:
+            self.handle = display(image, display_id=True)
+        else:
+            self.handle.update(image)

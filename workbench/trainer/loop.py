@@ -6,9 +6,13 @@ The loop knows nothing about models: data is any iterable of batches (tensors, o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,6 +31,7 @@ from .step import SAETrainer, StepStats
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 HISTORY_FILE = "checkpoint-history.json"  # the logged curve up to the checkpoint
+NOTEBOOK_CHECKPOINT_SECONDS = 60  # in a notebook, at most this much training is lost to a dead kernel
 
 
 def _batches(data, cfg: TrainConfig, with_grads: bool) -> Iterator:
@@ -128,21 +133,37 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
         batches = itertools.islice(batches, start_step, None)
     if total is not None:
         batches = itertools.islice(batches, max(0, total - start_step))
-    plot = _live_plot(configs) if (live_plot if live_plot is not None else _in_notebook()) else None
+    in_notebook = _in_notebook()
+    plot = _live_plot(configs) if (live_plot if live_plot is not None else in_notebook) else None
+    # In a notebook, a kernel may be interrupted or restarted at any time: keep a recent
+    # checkpoint even when the config asks for none (a checkpoint costs one save per SAE).
+    every_seconds = NOTEBOOK_CHECKPOINT_SECONDS if in_notebook and not lead.checkpoint_every else None
+    last_saved = time.monotonic()
     bar = tqdm(batches, total=None if total is None else total - start_step, desc="train SAEs", unit="step",
                disable=not progress)
-    for batch in bar:
-        x, g = _split(batch, device)
-        stats: list[StepStats] = [t.step(x, g if t.cfg.needs_grads else None) for t in trainers]
-        step = trainers[0].step_count
-        if step % lead.log_every == 0:
-            for h, s in zip(history, stats):
-                h.append({"step": step, "tokens": trainers[0].tokens_seen, **s.__dict__})
-            bar.set_postfix(fvu=f"{stats[0].fvu:.3f}", l0=f"{stats[0].l0:.1f}", dead=f"{stats[0].dead_fraction:.2f}")
-            if plot:
-                plot.update(history)
-        if writer and lead.checkpoint_every and step % lead.checkpoint_every == 0:
-            _checkpoint(trainers, writer, history)
+    with _interrupts_between_steps() as interrupted:
+        for batch in bar:
+            x, g = _split(batch, device)
+            stats: list[StepStats] = [t.step(x, g if t.cfg.needs_grads else None) for t in trainers]
+            step = trainers[0].step_count
+            if step % lead.log_every == 0:
+                for h, s in zip(history, stats):
+                    h.append({"step": step, "tokens": trainers[0].tokens_seen, **s.__dict__})
+                bar.set_postfix(fvu=f"{stats[0].fvu:.3f}", l0=f"{stats[0].l0:.1f}", dead=f"{stats[0].dead_fraction:.2f}")
+                if plot:
+                    plot.update(history)
+            due = (lead.checkpoint_every and step % lead.checkpoint_every == 0) or (
+                every_seconds is not None and time.monotonic() - last_saved > every_seconds)
+            if writer and (due or interrupted()):
+                _checkpoint(trainers, writer, history)
+                last_saved = time.monotonic()
+            if interrupted():
+                bar.close()
+                where = f"; checkpoint in {Path(run_dir)}: run the same call again to resume" if writer else \
+                    " (no run_dir was given, so nothing was saved)"
+                raise KeyboardInterrupt(f"training interrupted after step {step}{where}")
+    if plot:
+        plot.update(history)  # the final curves stay in the cell's output
     if writer:
         for trainer, folder, h in zip(trainers, writer, history):
             trainer.sae.save(folder)
@@ -168,6 +189,34 @@ def _checkpoint(trainers: list[SAETrainer], folders: list[Path], history: list[l
         tmp = folder / f".{CHECKPOINT_FILE}.tmp"
         save_file(trainer.state_tensors(), str(tmp))
         tmp.replace(folder / CHECKPOINT_FILE)
+
+
+@contextlib.contextmanager
+def _interrupts_between_steps():
+    """Turn Ctrl-C / Kernel → Interrupt into a request honoured after the current step.
+
+    A KeyboardInterrupt raised mid-step (between Adam's update and the step counter, say)
+    would leave SAEs whose state matches no step, and nothing consistent to checkpoint.
+    Instead the first interrupt sets a flag the loop reads after each step (and after the
+    live plot's redraw), checkpoints, and raises. A second interrupt raises at once.
+    Yields a function that says whether an interrupt was requested.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signals can only be handled in the main thread
+        return
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("interrupt received: stopping after this step (interrupt again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _in_notebook() -> bool:
