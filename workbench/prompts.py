@@ -58,7 +58,7 @@ def prompt_report(model, text: str, k: int = 5) -> PromptReport:
     """Run ``text`` (BOS prepended) through ``model`` and report per-token loss and top-k."""
     if not text:
         raise ValueError("the prompt is empty: give at least one character of text")
-    tokens = model.to_tokens(text)  # [1, pos], BOS first
+    tokens = model.to_tokens(text, truncate=False)  # [1, pos], BOS first; not cut at n_ctx, refused below
     if tokens.shape[1] > model.cfg.n_ctx:
         raise ValueError(f"the prompt is {tokens.shape[1]} tokens; {model.cfg.model_name} reads at most {model.cfg.n_ctx}")
     logits = model(tokens).float()[0]  # [pos, vocab]

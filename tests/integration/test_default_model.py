@@ -65,3 +65,8 @@ def test_prompt_report_html_escapes_token_text():
 def test_model_loads_on_requested_device_and_is_in_eval_mode(default_model):
     assert default_model.cfg.device in ("cpu", torch.device("cpu"))
     assert not default_model.training
+
+
+def test_a_prompt_longer_than_the_context_is_refused_not_truncated(default_model):
+    with pytest.raises(ValueError, match=f"reads at most {default_model.cfg.n_ctx}"):
+        workbench.prompt_report(default_model, "x = 1\n" * 400)

@@ -265,7 +265,10 @@ def cache_activations(
     if done:
         log.info("resuming %s: %d of %d shards already complete", folder, len(done), config["n_shards"])
     batches_per_shard = math.ceil(seqs_per_shard / batch_size)
-    with tqdm(total=len(todo) * batches_per_shard, desc="cache", unit="batch", disable=not progress or rank != 0) as bar:
+    if not todo and rank == 0:
+        log.info("%s is complete: nothing to cache", folder)
+    # No bar when there is nothing to do (a complete cache would show an empty "0/0").
+    with tqdm(total=len(todo) * batches_per_shard, desc="cache", unit="batch", disable=not progress or rank != 0 or not todo) as bar:
         for index in todo:
             _write_shard(model, tokens, index, config, folder, bar)
             if world == 1:

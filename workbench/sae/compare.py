@@ -9,11 +9,14 @@ from ..evals import downstream_metrics, reconstruction_metrics
 from ..tables import markdown_table
 
 
-def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8, batch_size: int = 4096) -> list[dict]:
+def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8, batch_size: int = 4096,
+                 progress: bool = True) -> list[dict]:
     """Reconstruction metrics of each SAE on ``n_batches`` of its hook in ``cache`` and, when
     ``model`` and ``tokens`` are given, the CE loss with it spliced in (and KL)."""
+    from tqdm.auto import tqdm
+
     rows = []
-    for sae in saes:
+    for sae in tqdm(saes, desc="evaluate SAEs", disable=not progress):
         hook = sae.cfg.hook_name
         batches = list(itertools.islice(cache.batches(hook, batch_size, seed=999, with_grads=sae.architecture == "gradient"), n_batches))
         metrics = reconstruction_metrics(sae, batches)

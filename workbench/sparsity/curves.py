@@ -74,15 +74,18 @@ def training_points(name: str) -> list[tuple[int, object]]:
     return points
 
 
-def sparsing_law(name: str, tokens: Tensor, calibration: Tensor, p: float = 0.01, device=None, **search) -> list[dict]:
+def sparsing_law(name: str, tokens: Tensor, calibration: Tensor, p: float = 0.01, device=None, progress: bool = True,
+                 **search) -> list[dict]:
     """Activation ratio at PPL-p% for each shipped training checkpoint of zoo model ``name``
     (and the final model), in training order: searched on ``calibration``, measured on the
     held-out ``tokens``."""
     from ..models import load_model
 
+    from tqdm.auto import tqdm
+
     check_disjoint(calibration, tokens)
     rows = []
-    for tokens_seen, path in training_points(name):
+    for tokens_seen, path in tqdm(training_points(name), desc=f"Sparsing Law {name}", disable=not progress):
         searcher = PPLSearch(load_model(name, device=device, checkpoint=path), calibration, **search)
         result = searcher.score(searcher.solve(p), tokens)
         rows.append({"model": name, "tokens_seen": tokens_seen, "activation_ratio": result.activation_ratio,

@@ -19,13 +19,22 @@ from .ppl import PPLSearch
 PS = (0.01, 0.05, 0.1)
 
 
-def lazy_table(models: dict, tokens: Tensor, eps: float = 1e-2) -> list[dict]:
+LAZY_COLUMNS = {"nonzero_fraction": "nonzero", "positive_pre_fraction": "pre > 0", "dead_fraction": "dead",
+                "always_on_fraction": "always on"}
+
+
+def lazy_table(models: dict, tokens: Tensor, eps: float = 1e-2, compact: bool = True, progress: bool = True) -> list[dict]:
     """One row per (model, layer): Li et al.'s nonzero fraction, the positive-pre-activation
-    and |h| < eps fractions, dead and always-on neurons. ``models``: name → model."""
+    fraction, dead and always-on neurons (``compact``, formatted to read; ``compact=False``:
+    every statistic, e.g. the |h| < eps fraction, as floats). ``models``: name → model."""
+    from tqdm.auto import tqdm
+
     rows = []
-    for name, model in models.items():
+    for name, model in tqdm(models.items(), desc="lazy neurons", disable=not progress):
         for stats in lazy_neuron_stats((model, tokens), eps=eps):
-            rows.append({"model": name, **stats.table()})
+            row = stats.table()
+            rows.append({"model": name, "layer": row["layer"], **{short: f"{row[key]:.3f}" for key, short in LAZY_COLUMNS.items()}}
+                        if compact else {"model": name, **row})
     return rows
 
 
@@ -45,21 +54,26 @@ def lazy_over_training(name: str, tokens: Tensor, eps: float = 1e-2, device=None
     return rows
 
 
-def ppl_table(models: dict, tokens: Tensor, calibration: Tensor, ps=PS, **search) -> list[dict]:
+def ppl_table(models: dict, tokens: Tensor, calibration: Tensor, ps=PS, progress: bool = True, **search) -> list[dict]:
     """One row per (model, p): the global CETT searched on ``calibration``, the perplexity
     ratio there and on the held-out ``tokens`` (with its 95% bootstrap interval), the
     held-out activation ratio overall and per layer, and what the search cost (passes over
     the calibration tokens, seconds)."""
+    from tqdm.auto import tqdm
+
     rows = []
+    bar = tqdm(total=len(models) * len(ps), desc="PPL-p% searches", disable=not progress)
     for name, model in models.items():
         searcher = PPLSearch(model, calibration, **search)
         for p in ps:
+            bar.update()
             result = searcher.score(searcher.solve(p), tokens)
             rows.append({"model": name, "p": p, "cett": result.cett, "search_ppl_ratio": result.search_ppl_ratio,
                          "ppl_ratio": result.ppl_ratio, "ppl_ci": f"[{result.ppl_ratio_ci[0]:.4f}, {result.ppl_ratio_ci[1]:.4f}]",
                          "activation_ratio": result.activation_ratio,
                          "layer_activation_ratio": [round(r, 4) for r in result.layer_activation_ratio],
                          "passes": result.passes, "seconds": result.seconds})
+    bar.close()
     return rows
 
 
