@@ -33,7 +33,7 @@ from results import machine, table, write_section  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.cache import ActivationCache, cache_activations  # noqa: E402
-from workbench.evals import downstream_metrics, hook_gradients  # noqa: E402
+from workbench.evals import hook_gradients, model_loss, spliced_loss  # noqa: E402
 from workbench.paths import cache_dir  # noqa: E402
 
 HOOK = "blocks.2.hook_resid_post"
@@ -52,6 +52,7 @@ def main() -> None:
     print(f"cache: {cache.n_tokens:,} rows with gradients in {time.perf_counter() - started:.0f} s", flush=True)
     val = wb.load_tokens("stdlib", "val", n_tokens=EVAL_SEQUENCES * model.cfg.n_ctx)
 
+    clean = model_loss(model, val)
     started = time.perf_counter()
     gradients = {g: hook_gradients(model, val, HOOK, g) for g in SELECTIONS if g != "none"}
     print(f"inference gradients ({', '.join(gradients)}) in {time.perf_counter() - started:.0f} s", flush=True)
@@ -69,14 +70,14 @@ def main() -> None:
         for cfg, sae in zip(configs, saes):
             beta = cfg.sae_kwargs.get("beta")
             if beta is None:
-                results.setdefault(("topk", cfg.k, "z"), []).append(downstream_metrics(model, sae, val).ce_spliced)
+                results.setdefault(("topk", cfg.k, "z"), []).append(spliced_loss(model, sae, val))
                 continue
             for selection in SELECTIONS:
-                results.setdefault((f"g-SAE β={beta}", cfg.k, selection), []).append(downstream_metrics(
-                    model, sae, val, gradient=selection, gradients=gradients.get(selection)).ce_spliced)
+                results.setdefault((f"g-SAE β={beta}", cfg.k, selection), []).append(spliced_loss(
+                    model, sae, val, gradient=selection, gradients=gradients.get(selection)))
         print(f"seed {seed}: evaluated", flush=True)
-    clean = downstream_metrics(model, saes[0], val).ce_clean
-    write_section("bench_gsae", report(results, clean, cache.n_tokens, val.numel()))
+        # Partial results after each seed, so an interrupted run still says something.
+        write_section("bench_gsae", report(results, clean, cache.n_tokens, val.numel(), seeds=SEEDS[:seed + 1]))
     print(report(results, clean, cache.n_tokens, val.numel()))
 
 
@@ -88,7 +89,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:+.4f}"
 
 
-def report(results: dict, clean: float, n_train: int, n_val: int) -> str:
+def report(results: dict, clean: float, n_train: int, n_val: int, seeds=SEEDS) -> str:
     rows = []
     for k in KS:
         base = results[("topk", k, "z")]
@@ -107,7 +108,7 @@ def report(results: dict, clean: float, n_train: int, n_val: int) -> str:
         f"tokens (clean model: {clean:.4f} nats). The g-SAE selects at inference with a per-position gradient on the "
         "clean model: of the next-token loss (`labels`, the paper's protocol, which sees the token being scored), "
         "of the model's own predictive entropy (`entropy`, label-free), or with none (z alone). Seeds "
-        f"{', '.join(map(str, SEEDS))} (init and batch order); Δ is against TopK of the same seed and k: mean ± "
+        f"{', '.join(map(str, seeds))} (init and batch order); Δ is against TopK of the same seed and k: mean ± "
         "standard deviation over seeds (negative: the g-SAE is better).",
         "",
         table(["k (= L0)", "SAE", "selection at inference", "CE per seed", "mean CE", "Δ vs TopK"], rows),

@@ -288,6 +288,39 @@ def downstream_metrics(model, sae, tokens: torch.Tensor, hook: str | None = None
         return _downstream(model, sae, tokens, hook, batch_size, gradients, device)
 
 
+@torch.no_grad()
+def spliced_loss(model, sae, tokens: torch.Tensor, hook: str | None = None, batch_size: int = 16,
+                 gradient: str = "entropy", gradients: torch.Tensor | None = None) -> float:
+    """Only the CE loss (nats/token) with the SAE spliced in: one forward per batch, for
+    sweeps that score many SAEs against one clean model (``downstream_metrics`` also runs
+    the clean model and both ablations every time). Same arguments and gradient rules."""
+    hook = hook or sae.cfg.hook_name
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if sae.architecture == "gradient" and gradient != "none" and gradients is None:
+        gradients = hook_gradients(model, tokens, hook, gradient, batch_size=batch_size)
+    if sae.architecture != "gradient" or gradient == "none":
+        gradients = None
+    total, count = 0.0, 0
+    with evaluating(sae):
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start:start + batch_size].to(model.cfg.device)
+            grad = gradients[start:start + batch_size].to(model.cfg.device) if gradients is not None else None
+            loss = model.run_with_hooks(batch, return_type="loss", loss_per_token=True,
+                                        fwd_hooks=[(hook, _splice_hook(sae, grad))])
+            total += float(loss.double().sum())
+            count += loss.numel()
+    return total / count
+
+
+def _splice_hook(sae, grad):
+    def splice(act, hook):
+        flat = act.reshape(act.shape[0] * act.shape[1], -1).float()
+        extra = {"g": grad.reshape(flat.shape).float()} if grad is not None else {}
+        return sae(flat.to(sae.W_dec.device), **extra).x_hat.to(act.dtype).reshape(act.shape)
+    return splice
+
+
 def _downstream(model, sae, tokens, hook, batch_size, gradients, device) -> DownstreamMetrics:
     # Pass 1: the mean activation over all tokens, for mean-ablation.
     total, count = None, 0
@@ -305,13 +338,8 @@ def _downstream(model, sae, tokens, hook, batch_size, gradients, device) -> Down
         batch = tokens[start:start + batch_size].to(device)
         grad = gradients[start:start + batch_size].to(device) if gradients is not None else None
 
-        def splice(act, hook):
-            flat = act.reshape(act.shape[0] * act.shape[1], -1).float()
-            extra = {"g": grad.reshape(flat.shape).float()} if grad is not None else {}
-            return sae(flat.to(sae.W_dec.device), **extra).x_hat.to(act.dtype).reshape(act.shape)
-
         clean_logits = model(batch)
-        spliced_logits = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)])
+        spliced_logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice_hook(sae, grad))])
         zero = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))])
         mean = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, lambda act, hook: mean_act.expand_as(act).to(act.dtype))])
         targets = batch[:, 1:]

@@ -70,3 +70,13 @@ def test_evaluation_leaves_a_training_mode_sae_unchanged():
     downstream_metrics(model, sae, tokens)
     assert sae.training
     assert all(torch.equal(state[k], v) for k, v in sae.state_dict().items())
+
+
+@pytest.mark.parametrize("gradient", ["entropy", "labels", "none"])
+def test_spliced_loss_alone_equals_the_full_downstream_metric(gradient):
+    from workbench.evals import spliced_loss
+
+    model, tokens, hook = tiny_model(), tiny_tokens(n_seq=4), "blocks.0.hook_resid_post"
+    sae = saes.create("gradient", model.cfg.d_model, 64, 4, beta=1e6, hook_name=hook).eval()
+    assert spliced_loss(model, sae, tokens, gradient=gradient, batch_size=3) == pytest.approx(
+        downstream_metrics(model, sae, tokens, gradient=gradient).ce_spliced, rel=1e-6)
