@@ -264,11 +264,13 @@ def cache_activations(
     todo = [i for i in range(config["n_shards"]) if i % world == rank and i not in done]
     if done:
         log.info("resuming %s: %d of %d shards already complete", folder, len(done), config["n_shards"])
-    batches_per_shard = math.ceil(seqs_per_shard / batch_size)
+    # The last shard may be short: count its own batches, so the bar ends full, not red.
+    total_batches = sum(math.ceil((min((i + 1) * seqs_per_shard, config["n_seq"]) - i * seqs_per_shard) / batch_size)
+                        for i in todo)
     if not todo and rank == 0:
         log.info("%s is complete: nothing to cache", folder)
     # No bar when there is nothing to do (a complete cache would show an empty "0/0").
-    with tqdm(total=len(todo) * batches_per_shard, desc="cache", unit="batch", disable=not progress or rank != 0 or not todo) as bar:
+    with tqdm(total=total_batches, desc="cache", unit="batch", disable=not progress or rank != 0 or not todo) as bar:
         for index in todo:
             _write_shard(model, tokens, index, config, folder, bar)
             if world == 1:

@@ -18,25 +18,31 @@ METRICS = (("loss", "loss", True), ("fvu", "FVU", True), ("l0", "L0", False), ("
 def plot_history(labels: list[str], history: list[list[dict]], width: str | float = "double"):
     """The four panels against training tokens (millions), one line with markers per SAE and
     one shared legend under the panels (never over the tick labels). Returns the figure."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     from ..figures import paper_figure, paper_style
 
+    most = max((r["tokens"] for rows in history for r in rows), default=1)
+    scale, unit = (1e6, "M") if most >= 1e6 else (1e3, "k")
     with paper_style():
         fig, axes = paper_figure(width, aspect=0.3, ncols=len(METRICS))
         for ax, (key, title, log_scale) in zip(axes, METRICS):
             for label, rows in zip(labels, history):
                 # Markers, so a curve of one point (the first log step) is still visible.
-                ax.plot([r["tokens"] / 1e6 for r in rows], [r[key] for r in rows], marker="o", markersize=2, label=label)
+                ax.plot([r["tokens"] / scale for r in rows], [r[key] for r in rows], marker="o", markersize=2, label=label)
             ax.set_title(title)
-            ax.set_xlabel("tokens (M)")
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+            ax.set_xlabel(f"tokens ({unit})")
+            ax.set_xlim(0, most / scale * 1.05)  # from the start: no zoom onto one point's rounding noise
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             if log_scale and all(r[key] > 0 for rows in history for r in rows):
                 ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks crowd the axis
         handles, names = axes[0].get_legend_handles_labels()
-        fig.tight_layout(rect=(0, 0.14 if handles else 0, 1, 1))
+        rows_of_legend = -(-len(names) // 3)
+        fig.tight_layout(rect=(0, 0.09 * rows_of_legend if handles else 0, 1, 1))
         if handles:
-            fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=6)
+            fig.legend(handles, names, loc="lower center", ncol=3, fontsize=6)
     return fig
 
 
@@ -44,7 +50,7 @@ def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # the legend under the panels stays in
     plt.close(fig)
     return buffer.getvalue()
 

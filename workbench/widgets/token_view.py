@@ -155,7 +155,7 @@ class TokenView(widgets.VBox):
         self.data: dict | None = None
         self._shown: str | None = None
         self.textarea = widgets.Textarea(value=text, placeholder="Type text for the model to read",
-                                         layout=widgets.Layout(width="100%", height="6em"))
+                                         layout=widgets.Layout(width="100%", height="10em"))
         self.textarea.add_class("wb-prompt")
         self.view = TokenSequences(kind="token_view")
         super().__init__([self.textarea, self.view])

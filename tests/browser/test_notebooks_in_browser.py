@@ -1,0 +1,63 @@
+"""Each notebook, opened in JupyterLab in headless Chromium and run with Run → Run All Cells,
+shows no error, no unrendered widget, and a figure under every cell that plots.
+
+Run alone:  WORKBENCH_QUICK=1 .venv/bin/python -m pytest -q tests/browser -x
+Look at it: WORKBENCH_SCREENSHOTS=1 ... (copies screenshots to tests/browser/screenshots/)
+Some only:  WORKBENCH_BROWSER_NOTEBOOKS=01,02 ...   Timeout per notebook: WORKBENCH_BROWSER_TIMEOUT_S
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from .jupyterlab import NOTEBOOKS_DIR
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ALL_NOTEBOOKS = sorted(path.name for path in NOTEBOOKS_DIR.glob("0[1-4]_*.ipynb"))
+# WORKBENCH_BROWSER_NOTEBOOKS=01,02 runs only those (03/04 take ~6 and ~10 min at quick size).
+_ONLY = [p.strip() for p in os.environ.get("WORKBENCH_BROWSER_NOTEBOOKS", "").split(",") if p.strip()]
+NOTEBOOKS = [name for name in ALL_NOTEBOOKS if not _ONLY or any(name.startswith(p) for p in _ONLY)]
+# Per notebook. Measured on two busy CPU cores: 01 14 s, 02 34 s, 03 6 min, 04 10 min.
+TIMEOUT_S = float(os.environ.get("WORKBENCH_BROWSER_TIMEOUT_S", 1200))
+# A call of a plotting function: wb.plot_token_losses(...), curves.plot_sparsing_law(...),
+# paper_figure(...), plt.anything. An import of plot_x (no call) does not count.
+PLOTS = re.compile(r"\b(?:\w+_)?plot_\w*\s*\(|\bpaper_figure\s*\(|\bplt\.")
+
+
+def _code(source: str) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+
+
+def test_there_are_notebooks():
+    assert len(ALL_NOTEBOOKS) >= 4, f"expected notebooks 01..04 under {NOTEBOOKS_DIR}, found {ALL_NOTEBOOKS}"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_in_jupyterlab(lab, name):
+    stem = name.removesuffix(".ipynb")
+    lab.open(name)
+    seconds = lab.run_all(timeout_s=TIMEOUT_S)
+    cells = lab.cells()
+    page = lab.screenshot(stem)
+
+    problems = []
+    for cell in cells:
+        plots = bool(PLOTS.search(_code(cell.source)))
+        if cell.error or cell.placeholders or (plots and not cell.has_image):
+            shot = lab.cell_screenshot(cell.index, f"{stem}-cell{cell.index}")
+        if cell.error:
+            problems.append(f"{cell.label()} raised (see {shot}):\n{cell.error[-2000:]}")
+        if cell.placeholders:
+            problems.append(f"{cell.label()} shows an unrendered widget {cell.placeholders} (see {shot}):\n{cell.text[-500:]}")
+        if plots and not cell.has_image:
+            problems.append(f"{cell.label()} calls a plotting function but shows no image (see {shot}):\n{cell.source}")
+        if cell.execution_count is None and not any(c.error for c in cells[: cell.index]):
+            problems.append(f"{cell.label()} did not run")
+
+    assert not problems, (
+        f"{name} in JupyterLab ({seconds:.0f} s): " + "\n\n".join(problems) + f"\n\nwhole-notebook screenshot: {page}"
+    )
