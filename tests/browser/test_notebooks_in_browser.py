@@ -1,5 +1,7 @@
 """Each notebook, opened in JupyterLab in headless Chromium and run with Run → Run All Cells,
-shows no error, no unrendered widget, and a figure under every cell that plots.
+shows no error, no unrendered widget, and a figure under every cell that plots; then its
+interactive view answers one UI action with the expected change (``INTERACTIONS``), and
+hostile token text typed into notebook 01's view renders as text, never as HTML.
 
 Run alone:  WORKBENCH_QUICK=1 .venv/bin/python -m pytest -q tests/browser -x
 Look at it: WORKBENCH_SCREENSHOTS=1 ... (copies screenshots to tests/browser/screenshots/)
@@ -61,3 +63,41 @@ def test_notebook_runs_in_jupyterlab(lab, name):
     assert not problems, (
         f"{name} in JupyterLab ({seconds:.0f} s): " + "\n\n".join(problems) + f"\n\nwhole-notebook screenshot: {page}"
     )
+    interact = INTERACTIONS.get(stem[:2])
+    if interact:
+        interact(lab)
+        lab.screenshot(f"{stem}-after-interaction")
+
+
+HOSTILE = "x = '<img src=x onerror=alert(1)>' # <script>alert(2)</script>"
+
+
+def _token_view(lab) -> None:
+    """Notebook 01: typing re-runs the model; a click pins a token's details; markup stays text."""
+    dialogs = []
+    lab.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    lab.type(".wb-prompt", HOSTILE)
+    lab.wait_for_text(".wb-token-view", "onerror", timeout_s=60)
+    view = lab.locator(".wb-token-view")
+    assert view.locator("img, script").count() == 0, "token text was rendered as HTML"
+    shown = "".join(view.locator("span.wb-token").all_inner_texts())
+    assert "<img" in shown and "<script>" in shown, shown  # the characters themselves, as text
+    lab.click("span.wb-token[data-position='3']")
+    lab.wait_for(".wb-token-view .wb-selected")
+    lab.wait_for_text(".wb-token-detail", "layer 0", timeout_s=30)
+    lab.page.wait_for_timeout(500)
+    assert not dialogs, f"a script ran: {dialogs}"
+
+
+def _activation_viewer(lab) -> None:
+    """Notebook 02: another neuron in the box lists that neuron's top contexts."""
+    before = lab.text(".wb-activation-viewer .wb-summary")
+    lab.type(".wb-neuron", "7", submit=True)
+    lab.wait_for_text(".wb-activation-viewer .wb-summary", "neuron 7", timeout_s=120)
+    assert lab.text(".wb-activation-viewer .wb-summary") != before
+    assert lab.page.locator(".wb-activation-viewer .wb-context").count() > 0
+    lab.click(".wb-activation-viewer .wb-context .wb-token.wb-marked")
+    lab.wait_for_text(".wb-activation-viewer .wb-token-detail", re.compile(r"\d"), timeout_s=60)
+
+
+INTERACTIONS = {"01": _token_view, "02": _activation_viewer}
