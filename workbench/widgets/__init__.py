@@ -4,13 +4,16 @@
   guesses and top MLP neurons per layer on hover or click;
 - ``ActivationViewer`` (activation_viewer.py): over an activation cache, a neuron's top
   contexts with tokens highlighted by its activation, or a row's top neurons;
+- ``SparsityExplorer`` (sparsity_explorer.py): model, method, layer and a target slider over
+  a precomputed ``workbench.sparsity.explore.SparsityGrid``; no model run per move;
 
 Token sequences are drawn by one anywidget ES module shipped here (tokens.js: no CDN, every
 string set as text, never as HTML).
 """
 
 from .activation_viewer import ActivationViewer, context_activations, row_top_neurons, top_activating_rows
+from .sparsity_explorer import SparsityExplorer
 from .token_view import TokenView, token_view_data
 
-__all__ = ["ActivationViewer", "TokenView", "context_activations", "row_top_neurons", "token_view_data",
+__all__ = ["ActivationViewer", "SparsityExplorer", "TokenView", "context_activations", "row_top_neurons", "token_view_data",
            "top_activating_rows"]
