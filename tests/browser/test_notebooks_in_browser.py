@@ -100,4 +100,18 @@ def _activation_viewer(lab) -> None:
     lab.wait_for_text(".wb-activation-viewer .wb-token-detail", re.compile(r"\d"), timeout_s=60)
 
 
-INTERACTIONS = {"01": _token_view, "02": _activation_viewer}
+def _sparsity_explorer(lab) -> None:
+    """Notebook 04: another method (CETT: its own targets) and another layer change the readout and figure."""
+    readout = ".wb-sparsity-explorer .wb-readout"
+    before, figure = lab.text(readout), lab.locator(".wb-sparsity-explorer img.wb-figure").get_attribute("src")
+    lab.wait_for(".wb-sparsity-explorer .wb-method select").select_option("wina")
+    lab.wait_for_text(readout, "wina", timeout_s=60)
+    assert lab.text(readout) != before
+    lab.page.wait_for_function(
+        "src => document.querySelector('.wb-sparsity-explorer img.wb-figure').getAttribute('src') !== src", arg=figure,
+        timeout=60_000)
+    lab.click(".wb-sparsity-explorer button.wb-export")
+    lab.wait_for_text(".wb-sparsity-explorer .wb-export-status", "wrote", timeout_s=60)
+
+
+INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer}

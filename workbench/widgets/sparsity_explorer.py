@@ -78,7 +78,8 @@ class SparsityExplorer:
         self.readout_html = widgets.HTML()
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.export_button = widgets.Button(description="Export figure", icon="download",
-                                            tooltip="save_figure of the current selection (PDF, SVG, PNG)")
+                                            tooltip="save_figure of the current selection (PDF, SVG, PNG)",
+                                            layout=widgets.Layout(width="auto", min_width="9em"))
         self.export_status = widgets.HTML()
         for control, css in ((self.model, "wb-model"), (self.method, "wb-method"), (self.layer, "wb-layer"),
                              (self.target, "wb-target"), (self.readout_html, "wb-readout"), (self.image, "wb-figure"),
