@@ -2,18 +2,70 @@
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .sae.base import did_you_mean
+
+
+def check_tokens(model, tokens: torch.Tensor, batch_size: int = 1) -> None:
+    """Refuse token sets a model pass would fail on deep inside (an empty cat, an embedding
+    'index out of range'): they must be integer ids [n_seq ≥ 1, seq_len ≥ 2] below d_vocab."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor of token ids, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n_seq >= 1, seq_len >= 2], got shape {tuple(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= model.cfg.d_vocab:
+        raise ValueError(f"token ids must lie in [0, d_vocab={model.cfg.d_vocab}), got ids from {low} to {high}: "
+                         "were they made by another tokenizer?")
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def check_hook(model, hook: str) -> str:
+    """``hook`` if it is a hook point of ``model``; otherwise a ValueError naming the closest
+    ones (TransformerLens raises a bare KeyError from deep inside the run)."""
+    if not isinstance(hook, str) or not hook:
+        raise ValueError(f"name a hook of the model, e.g. 'blocks.0.hook_resid_post'; got {hook!r}")
+    if hook not in model.hook_dict:
+        raise ValueError(f"{hook!r} is not a hook of this model.{did_you_mean(hook, model.hook_dict)} "
+                         "List them with sorted(model.hook_dict).")
+    return hook
+
+
+@torch.no_grad()
+def check_splice(model, sae, hook: str | None, tokens: torch.Tensor, batch_size: int = 1) -> str:
+    """The hook at which ``sae`` is spliced into ``model`` (``hook``, default the SAE's own
+    hook_name), checked once before any long pass: every entry point that hooks an SAE into a
+    model goes through here. Checks the tokens, that the hook exists, and that its width per
+    position is the SAE's d_in, probed on one row of two tokens (a mismatch would otherwise
+    surface as 'The size of tensor a ... must match' in the middle of the run)."""
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise ValueError("name the hook to splice at (the SAE has no hook_name recorded)")
+    check_hook(model, hook)
+    check_tokens(model, tokens, batch_size)
+    _, cache = model.run_with_cache(tokens[:1, :2].to(model.cfg.device), names_filter=hook)
+    shape = tuple(cache[hook].shape)  # [batch, pos, ...]: the SAE reads the flattened rest
+    width = cache[hook][0, 0].numel()
+    if width != sae.cfg.d_in:
+        trained = f"trained on {sae.cfg.hook_name!r}" if sae.cfg.hook_name else "its hook is not recorded"
+        model_name = f" of {sae.cfg.model_name!r}" if sae.cfg.model_name else ""
+        raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} activations ({trained}{model_name}), but {hook!r} of this "
+                         f"model carries {width} per position (activation shape {shape}). Splice it at a hook of width "
+                         f"{sae.cfg.d_in}, or use an SAE trained on {hook!r}.")
+    return hook
 
 
 @torch.no_grad()
 def sequence_losses(model, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """[n_seq] float64: each sequence's summed next-token cross-entropy (nats), for means and
     bootstrap intervals over sequences."""
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [n_seq, seq_len >= 2], got shape {tuple(tokens.shape)}")
+    check_tokens(model, tokens, batch_size)
     sums = []
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
@@ -161,6 +213,8 @@ def hook_gradients(model, tokens: torch.Tensor, hook: str, objective: str = "ent
     """
     if objective not in GRADIENTS or objective == "none":
         raise ValueError(f"objective must be one of {GRADIENTS[:-1]}, got {objective!r}")
+    check_hook(model, hook)
+    check_tokens(model, tokens, batch_size)
     device = model.cfg.device
     diagonal = None if exact_jacobian else _diagonal_attention_hooks(model, hook)
     out = []
@@ -272,9 +326,7 @@ def downstream_metrics(model, sae, tokens: torch.Tensor, hook: str | None = None
     ``"labels"`` for the paper's protocol (it sees the answer), ``"none"`` for z alone.
     ``gradients`` [n_seq, seq_len, ...] may pass ``hook_gradients(...)`` computed once for
     several SAEs. The SAE is evaluated in eval mode and left exactly as it was."""
-    hook = hook or sae.cfg.hook_name
-    if not hook:
-        raise ValueError("name the hook to splice at (the SAE has no hook_name recorded)")
+    hook = check_splice(model, sae, hook, tokens, batch_size)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     device = model.cfg.device
@@ -294,7 +346,7 @@ def spliced_loss(model, sae, tokens: torch.Tensor, hook: str | None = None, batc
     """Only the CE loss (nats/token) with the SAE spliced in: one forward per batch, for
     sweeps that score many SAEs against one clean model (``downstream_metrics`` also runs
     the clean model and both ablations every time). Same arguments and gradient rules."""
-    hook = hook or sae.cfg.hook_name
+    hook = check_splice(model, sae, hook, tokens, batch_size)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     if sae.architecture == "gradient" and gradient != "none" and gradients is None:

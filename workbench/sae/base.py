@@ -12,9 +12,11 @@ x̂ = z W_dec + b_dec with z = select(W_encᵀ(x − b_dec) + b_enc) (Gao et al.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import numbers
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -26,6 +28,20 @@ from .sparse_ops import gathered_pre_acts
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+SAE_LENS_WEIGHTS_FILE = "sae_weights.safetensors"  # what sae_lens' save_model writes beside its cfg.json
+
+# Per-input normalisations: each row is normalised before encoding and restored after
+# decoding, exactly as SAELens 6 does at run time (sae_lens/saes/sae.py,
+# SAE._setup_activation_normalization). Dataset-level ones (a constant scale, whitening) are
+# folded into the weights when a SAELens folder is opened (interop), so they never reach here.
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+RESHAPES = ("none", "hook_z")
+
+
+def did_you_mean(name: str, options) -> str:
+    """' Did you mean 'x'?' for the options closest to a misspelt ``name`` (or '')."""
+    close = difflib.get_close_matches(str(name), [str(option) for option in options], n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 @dataclasses.dataclass
@@ -44,15 +60,37 @@ class SAEConfig:
     """TransformerLens hook it was trained on (metadata, used by exports and splicing)."""
     model_name: str = ""
     """Model it was trained on (metadata)."""
+    normalize_activations: str = "none"
+    """How each input row is normalised before encoding and restored after decoding, as
+    SAELens' run-time rules: "none"; "constant_norm_rescale" (x·√d_in/‖x‖); "layer_norm"
+    ((x − mean)/(std + 1e-5), restored as x̂·std + mean). Set when a SAELens SAE is
+    opened; SAEs trained here use "none"."""
+    reshape_activations: str = "none"
+    """"hook_z": inputs may also come as [batch, n_heads, d_head] (an attention layer's
+    hook_z) and are flattened to d_in = n_heads·d_head, as SAELens' hook_z SAEs."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae", "k"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            value = getattr(self, name)
+            # int() would turn k=2.5 into 2 and d_sae="64" into 64: refuse, don't guess.
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))  # a numpy integer would not serialise to cfg.json
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}: at most d_sae latents can be active")
         if self.architecture not in REGISTRY:
-            raise ValueError(f"unknown architecture {self.architecture!r}; registered: {sorted(REGISTRY)}")
+            raise ValueError(f"unknown architecture {self.architecture!r}.{did_you_mean(self.architecture, REGISTRY)} "
+                             f"Registered: {sorted(REGISTRY)}")
+        for name in ("hook_name", "model_name"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string (empty when unknown), got {getattr(self, name)!r}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got {self.normalize_activations!r}")
+        if self.reshape_activations not in RESHAPES:
+            raise ValueError(f"reshape_activations must be one of {RESHAPES}, got {self.reshape_activations!r}")
+        if self.reshape_activations == "hook_z" and self.hook_name and not self.hook_name.endswith("hook_z"):
+            # as SAELens (SAE.turn_on_forward_pass_hook_z_reshaping), which would refuse to export it
+            raise ValueError(f"reshape_activations='hook_z' is for an attention layer's hook_z, not {self.hook_name!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,26 +176,93 @@ class SparseAutoencoder(nn.Module):
         return (result.x_hat - x).pow(2).sum(-1).mean()
 
     # --- shared ---------------------------------------------------------------------------
+    def rows(self, x: Tensor) -> Tensor:
+        """``x`` as the [batch, d_in] rows this SAE reads, or a ValueError that says what it
+        reads (a raw matmul error names neither the SAE nor its hook). hook_z SAEs also take
+        [batch, n_heads, d_head], flattened as SAELens does ("... n_heads d_head -> ...
+        (n_heads d_head)")."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor [batch, {self.cfg.d_in}], got {type(x).__name__}")
+        given = tuple(x.shape)
+        if self.cfg.reshape_activations == "hook_z" and x.ndim == 3:
+            x = x.flatten(1)
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            trained_on = f" ({self.cfg.hook_name})" if self.cfg.hook_name else ""
+            hint = " (one vector v is v[None])" if given == (self.cfg.d_in,) else ""
+            raise ValueError(f"this SAE reads rows of d_in={self.cfg.d_in} activations{trained_on}; got x of shape "
+                             f"{given}{hint}. Give it [batch, {self.cfg.d_in}] activations of the hook it was trained on.")
+        return x
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``x`` as the encoder reads it ([batch, d_in], normalised per cfg.normalize_activations),
+        and the map that takes a reconstruction back to x's scale and shape.
+
+        SAELens 6 (sae_lens/saes/sae.py, ``_setup_activation_normalization``):
+        constant_norm_rescale multiplies by c = √d_in/‖x‖ and divides the output by c;
+        layer_norm subtracts the mean μ, divides by std + 1e-5 (std unbiased, torch's default)
+        and restores with x̂·std + μ (without the eps: SAELens does so, and we match it)."""
+        shape, x = getattr(x, "shape", None), self.rows(x)
+        rule = self.cfg.normalize_activations
+        if rule == "constant_norm_rescale":
+            coeff = self.cfg.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
+            x, restore = x * coeff, (lambda x_hat: x_hat / coeff)
+        elif rule == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            std = (x - mu).std(dim=-1, keepdim=True)
+            x, restore = (x - mu) / (std + 1e-5), (lambda x_hat: x_hat * std + mu)
+        else:
+            restore = lambda x_hat: x_hat  # noqa: E731
+        return x, (lambda x_hat: restore(x_hat).reshape(shape))
+
+    def check_context(self, x: Tensor, context: dict) -> dict:
+        """The selection context that architectures share, checked once here: ``k`` (a
+        positive int ≤ d_sae; topk would read k=0 as "the trained k") and ``g`` (the loss
+        gradient at the input: x's shape, flattened like x)."""
+        k = context.get("k")
+        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= self.cfg.d_sae):
+            raise ValueError(f"k must be a positive integer of at most d_sae={self.cfg.d_sae} (None: the trained "
+                             f"k={self.cfg.k}), got {k!r}")
+        g = context.get("g")
+        if g is not None:
+            shape = getattr(x, "shape", None)
+            if not isinstance(g, Tensor) or g.shape != shape:
+                raise ValueError(f"g, the loss gradient at the SAE's input, must have the shape of x {tuple(shape or ())}; "
+                                 f"got {tuple(getattr(g, 'shape', ())) or type(g).__name__}")
+            context = {**context, "g": g.flatten(1)}
+        return context
+
     def encode_sparse(self, x: Float[Tensor, "batch d_in"], **context) -> SparseCode:
-        return self.select(self.pre_acts(x), **context)
+        context = self.check_context(x, context)
+        return self.select(self.pre_acts(self.normalize(x)[0]), **context)
 
     def encode(self, x: Float[Tensor, "batch d_in"], **context) -> Float[Tensor, "batch d_sae"]:
         """Dense latent activations z (zeros for inactive latents), as SAELens' ``encode``."""
         return self.encode_sparse(x, **context).dense(self.cfg.d_sae)
 
-    def decode(self, z: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_in"]:
-        return z @ self.W_dec + self.b_dec
+    def decode(self, z: Float[Tensor, "batch d_sae"], x: Tensor | None = None) -> Float[Tensor, "batch d_in"]:
+        """x̂ = z W_dec + b_dec. An SAE that normalises each input (cfg.normalize_activations)
+        needs that input ``x`` to restore the scale: SAELens keeps it in hidden state from
+        the last ``encode``; we ask for it instead. Given ``x``, x̂ also takes its shape."""
+        x_hat = z @ self.W_dec + self.b_dec
+        if x is not None:
+            return self.normalize(x)[1](x_hat)
+        if self.cfg.normalize_activations != "none":
+            raise ValueError(f"this SAE normalises each input ({self.cfg.normalize_activations}), so decoding needs "
+                             "the input the code came from: decode(z, x=x), or forward(x).x_hat")
+        return x_hat
 
     def decode_sparse(self, code: SparseCode) -> Float[Tensor, "batch d_in"]:
         """x̂ = Σ_j values_j · W_dec[indices_j] + b_dec, touching only the active rows."""
         return torch.nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values, mode="sum") + self.b_dec
 
     def forward(self, x: Float[Tensor, "batch d_in"], **context) -> ForwardResult:
+        context = self.check_context(x, context)
+        x, restore = self.normalize(x)
         pre = self.pre_acts(x)
         code = self.select(pre, **context)
         if self.training:
             self.observe(code)
-        return ForwardResult(self.decode_sparse(code), code, pre)
+        return ForwardResult(restore(self.decode_sparse(code)), code, pre)
 
     def forward_train(self, x: Float[Tensor, "batch d_in"], selection_dtype: torch.dtype = torch.float32,
                       observe: bool = True, **context) -> ForwardResult:
@@ -167,6 +272,11 @@ class SparseAutoencoder(nn.Module):
         ``pre_acts`` in the result is detached (at ``selection_dtype``) and lives in a
         scratch buffer that the next call overwrites. ``observe=False`` keeps this batch out
         of the inference statistics (the trainer does so while k is annealed)."""
+        if self.cfg.normalize_activations != "none":
+            raise NotImplementedError(f"training an SAE that normalises each input ({self.cfg.normalize_activations}, "
+                                      "from SAELens) is not supported: train it with sae_lens, or train a new one here")
+        context = self.check_context(x, context)
+        x = self.rows(x)
         with torch.no_grad():
             pre = self._selection_pre_acts(x, selection_dtype)
             chosen = self.select(pre, **context)
@@ -223,32 +333,78 @@ class SparseAutoencoder(nn.Module):
         return folder
 
 
+def _config(config_class: type[SAEConfig], fields: dict, where: str) -> SAEConfig:
+    """``config_class(**fields)``, naming unknown fields and their likely spelling instead of a
+    bare ``TypeError: unexpected keyword argument``."""
+    known = [field.name for field in dataclasses.fields(config_class)]
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        hints = "".join(did_you_mean(name, known) for name in unknown)
+        raise ValueError(f"{where}: {config_class.__name__} has no field {', '.join(map(repr, unknown))}.{hints} "
+                         f"Its fields: {known}")
+    return config_class(**fields)
+
+
 def create(architecture: str, d_in: int, d_sae: int, k: int, **cfg) -> SparseAutoencoder:
     """A freshly initialised SAE of a registered architecture."""
     if architecture not in REGISTRY:
-        raise ValueError(f"unknown architecture {architecture!r}; registered: {sorted(REGISTRY)}")
+        raise ValueError(f"unknown architecture {architecture!r}.{did_you_mean(architecture, REGISTRY)} "
+                         f"Registered: {sorted(REGISTRY)}")
     sae_class, config_class = REGISTRY[architecture]
-    return sae_class(config_class(d_in=d_in, d_sae=d_sae, k=k, architecture=architecture, **cfg))
+    return sae_class(_config(config_class, dict(d_in=d_in, d_sae=d_sae, k=k, architecture=architecture, **cfg),
+                             f"create({architecture!r}, ...)"))
 
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> SparseAutoencoder:
     """Open an SAE saved by ``save`` (or a SAELens SAE folder, through ``interop``), in
     eval mode: its inference rule, so each row's code is independent of the batch and
-    forward passes leave its state (BatchTopK's θ) untouched."""
+    forward passes leave its state (BatchTopK's θ) untouched.
+
+    The weights file tells the formats apart: ours is ``sae.safetensors``, SAELens'
+    ``sae_weights.safetensors`` (both beside a ``cfg.json``)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give the folder that holds {CFG_FILE} and the weights")
     if not (folder / CFG_FILE).exists():
-        raise FileNotFoundError(f"{folder} has no {CFG_FILE}: not an SAE folder")
-    raw = json.loads((folder / CFG_FILE).read_text())
-    if "architecture" in raw and raw["architecture"] in REGISTRY and (folder / WEIGHTS_FILE).exists() and "d_in" in raw and "k" in raw:
-        sae_class, config_class = REGISTRY[raw["architecture"]]
-        sae = sae_class(config_class(**raw))
-        sae.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    else:
+        raise FileNotFoundError(f"{folder} has no {CFG_FILE}: not an SAE folder (it holds "
+                                f"{sorted(p.name for p in folder.iterdir())[:10]})")
+    if (folder / WEIGHTS_FILE).exists():
+        sae = _load_ours(folder)
+    elif (folder / SAE_LENS_WEIGHTS_FILE).exists():
         from .interop import load_sae_lens
 
         sae = load_sae_lens(folder)
+    else:
+        raise FileNotFoundError(f"{folder} has {CFG_FILE} but no weights: expected {WEIGHTS_FILE} (a workbench SAE) or "
+                                f"{SAE_LENS_WEIGHTS_FILE} (a SAELens SAE). Was the save interrupted, or the weights not copied?")
     sae = sae.to(device) if device is not None else sae
     # A fresh nn.Module is in training mode, where BatchTopK keeps the batch's top k·B
     # (codes depend on the other rows) and each forward moves θ. Training resumes through
     # SAETrainer, which switches it back.
     return sae.eval()
+
+
+def _load_ours(folder: Path) -> SparseAutoencoder:
+    try:
+        raw = json.loads((folder / CFG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CFG_FILE} is not valid JSON ({err}): the file is damaged; save the SAE again") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{folder / CFG_FILE} must hold a JSON object of SAEConfig fields, got {type(raw).__name__}")
+    arch = raw.get("architecture")
+    if not isinstance(arch, str) or arch not in REGISTRY:
+        raise ValueError(f"{folder / CFG_FILE}: unknown architecture {arch!r}.{did_you_mean(arch, REGISTRY)} "
+                         f"Registered: {sorted(REGISTRY)}")
+    sae_class, config_class = REGISTRY[arch]
+    sae = sae_class(_config(config_class, raw, str(folder / CFG_FILE)))
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:  # safetensors' own error names no file
+        raise ValueError(f"{folder / WEIGHTS_FILE} cannot be read ({err}): it is damaged or not a safetensors file; "
+                         "save the SAE again") from err
+    try:
+        sae.load_state_dict(weights)
+    except RuntimeError as err:  # missing/unexpected tensors or a shape that cfg.json does not give
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not match {folder / CFG_FILE} (d_in={sae.cfg.d_in}, "
+                         f"d_sae={sae.cfg.d_sae}, {arch}): {err}") from err
+    return sae

@@ -5,16 +5,33 @@ from __future__ import annotations
 
 import itertools
 
-from ..evals import downstream_metrics, reconstruction_metrics
+from ..evals import check_splice, downstream_metrics, reconstruction_metrics
 from ..tables import markdown_table
+from .base import did_you_mean
 
 
 def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8, batch_size: int = 4096,
                  progress: bool = True) -> list[dict]:
     """Reconstruction metrics of each SAE on ``n_batches`` of its hook in ``cache`` and, when
-    ``model`` and ``tokens`` are given, the CE loss with it spliced in (and KL)."""
+    ``model`` and ``tokens`` are given, the CE loss with it spliced in (and KL).
+
+    Every SAE is checked against the cache (and the model) before any is evaluated, so a
+    mismatched one fails at once, not after the others' evaluations."""
     from tqdm.auto import tqdm
 
+    if (model is None) != (tokens is None):
+        raise ValueError("pass both model and tokens to measure the spliced-in CE loss, or neither")
+    for i, sae in enumerate(saes):
+        hook, name = sae.cfg.hook_name, f"SAE {i} ({sae.architecture}, d_in={sae.cfg.d_in})"
+        if hook not in cache.hooks:
+            recorded = f"was trained on {hook!r}, which" if hook else "records no hook_name, so it"
+            raise ValueError(f"{name} {recorded} is not in this cache.{did_you_mean(hook, cache.hooks)} "
+                             f"The cache has {cache.hooks}.")
+        if cache.d(hook) != sae.cfg.d_in:
+            raise ValueError(f"{name} reads {sae.cfg.d_in} values per row, but the cache holds {cache.d(hook)} for "
+                             f"{hook!r}: the SAE was trained on another model or hook.")
+        if model is not None:
+            check_splice(model, sae, hook, tokens)
     rows = []
     for sae in tqdm(saes, desc="evaluate SAEs", disable=not progress):
         hook = sae.cfg.hook_name

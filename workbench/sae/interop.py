@@ -10,18 +10,37 @@ input), so only the inference rule has to be mapped:
 | topk, hierarchical (full k)   | ``topk`` with the same k                            |
 | gradient (no g at inference)  | ``topk`` with the same k                            |
 | batchtopk, matryoshka         | ``jumprelu`` with every threshold = the EMA θ       |
+
+Opening a SAELens folder honours every config field that changes the encoding (sae_lens
+6.54, ``saes/sae.py`` and ``saes/topk_sae.py``), by folding it into the weights where it is
+linear and carrying it in our config where it is per input:
+
+| SAELens field                                  | here                                           |
+|------------------------------------------------|------------------------------------------------|
+| rescale_acts_by_decoder_norm=True (topk)       | folded: W_enc, b_enc ×‖W_dec,i‖; W_dec rows unit |
+| normalize_activations=expected_average_only_in | folded from activation_scaler.json (×s)        |
+| normalize_activations=covariance_whitening     | folded from activation_scaler.json + its matrix |
+| normalize_activations=layer_norm               | cfg.normalize_activations (per row)            |
+| normalize_activations=constant_norm_rescale    | cfg.normalize_activations (per row)            |
+| reshape_activations=hook_z                     | cfg.reshape_activations                        |
+| apply_b_dec_to_input=False                     | folded: b_enc += b_dec W_enc                   |
+| hook_head_index set (one head of hook_z)       | refused: workbench SAEs read whole hooks       |
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from .base import SparseAutoencoder, create
+from .base import CFG_FILE, SparseAutoencoder, create, did_you_mean
+
+SCALER_FILE = "activation_scaler.json"  # sae_lens.constants.ACTIVATION_SCALER_CFG_FILENAME
 
 TOPK_LIKE = ("topk", "hierarchical", "gradient")
 THRESHOLD_LIKE = ("batchtopk", "matryoshka")
+SUPPORTED = ("topk", "jumprelu")  # SAELens architectures that open as one of ours
 
 
 def _metadata(sae: SparseAutoencoder):
@@ -36,7 +55,8 @@ def to_sae_lens(sae: SparseAutoencoder):
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
     common = dict(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype="float32", device="cpu",
-                  apply_b_dec_to_input=True, metadata=_metadata(sae))
+                  apply_b_dec_to_input=True, normalize_activations=sae.cfg.normalize_activations,
+                  reshape_activations=sae.cfg.reshape_activations, metadata=_metadata(sae))
     weights = {name: getattr(sae, name).detach().float().cpu().clone() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
     if sae.architecture in TOPK_LIKE:
         target = TopKSAE(TopKSAEConfig(k=sae.cfg.k, **common))
@@ -61,25 +81,90 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     """Open a SAELens SAE folder as one of ours: ``topk`` as TopK, ``jumprelu`` with a single
     threshold as BatchTopK (its inference form; the training k is not recorded there, so
     k is set to 1, which matters only if training continues); other SAELens
-    architectures are refused."""
+    architectures are refused. Encodings and reconstructions equal SAELens' own (see the
+    table above for how each config field is carried)."""
+    import sae_lens
     from sae_lens import SAE
 
-    theirs = SAE.load_from_disk(str(folder), device="cpu")
-    arch = theirs.cfg.architecture()
-    meta = theirs.cfg.metadata
-    info = dict(hook_name=getattr(meta, "hook_name", None) or "", model_name=getattr(meta, "model_name", None) or "")
+    folder = Path(folder)
+    try:
+        theirs = SAE.load_from_disk(str(folder), device="cpu")
+    except Exception as err:  # SAELens fails on a malformed cfg.json with e.g. a bare KeyError
+        arch = _raw_cfg(folder).get("architecture")
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+
+        known = "" if not isinstance(arch, str) or arch in SAE_CLASS_REGISTRY else (
+            f" Its architecture {arch!r} is not one SAELens knows.{did_you_mean(arch, SAE_CLASS_REGISTRY)} "
+            f"SAELens has {sorted(SAE_CLASS_REGISTRY)}; workbench opens {SUPPORTED}.")
+        raise ValueError(f"{folder}: sae_lens {sae_lens.__version__} cannot open this SAELens folder "
+                         f"({type(err).__name__}: {err}).{known}") from err
+    cfg, arch = theirs.cfg, theirs.cfg.architecture()
+    if arch not in SUPPORTED or (arch == "jumprelu" and torch.unique(theirs.threshold).numel() != 1):
+        raise ValueError(f"{folder}: SAELens architecture {arch!r}{' with per-latent thresholds' if arch == 'jumprelu' else ''} "
+                         f"has no workbench equivalent (workbench opens {SUPPORTED}, jumprelu with one shared "
+                         "threshold); use it through sae_lens directly")
+    meta = cfg.metadata
+    if getattr(meta, "hook_head_index", None) is not None:
+        raise ValueError(f"{folder}: this SAE reads one attention head (hook_head_index={meta.hook_head_index}) of "
+                         f"{meta.hook_name}; workbench SAEs read whole hooks. Use it through sae_lens directly")
+    with torch.no_grad():
+        if getattr(cfg, "rescale_acts_by_decoder_norm", False):
+            # z = TopK(pre · ‖W_dec,i‖), x̂ = Σ z_i W_dec,i/‖W_dec,i‖ + b_dec: the same SAE with
+            # unit decoder rows and encoder columns scaled by the norms, which is what SAELens'
+            # fold_W_dec_norm does (and TopKSAE.fold_activation_whitening before it folds).
+            theirs.fold_W_dec_norm()
+            cfg.rescale_acts_by_decoder_norm = False
+        if cfg.normalize_activations in ("expected_average_only_in", "covariance_whitening"):
+            _fold_dataset_normalization(theirs, folder)  # SAELens' own folds; they reset the field to "none"
+    info = dict(hook_name=getattr(meta, "hook_name", None) or "", model_name=getattr(meta, "model_name", None) or "",
+                normalize_activations=cfg.normalize_activations, reshape_activations=cfg.reshape_activations)
     if arch == "topk":
-        ours = create("topk", theirs.cfg.d_in, theirs.cfg.d_sae, theirs.cfg.k, **info)
-    elif arch == "jumprelu" and torch.unique(theirs.threshold).numel() == 1:
-        ours = create("batchtopk", theirs.cfg.d_in, theirs.cfg.d_sae, 1, **info)
-        ours.threshold.copy_(theirs.threshold[0])
-        ours.threshold_weight.fill_(1.0)
+        ours = create("topk", cfg.d_in, cfg.d_sae, cfg.k, **info)
     else:
-        raise ValueError(f"{folder}: SAELens architecture {arch!r} (per-latent thresholds or other rules) "
-                         "has no workbench equivalent; use it through sae_lens directly")
-    if not getattr(theirs.cfg, "apply_b_dec_to_input", True):
-        raise ValueError(f"{folder}: apply_b_dec_to_input=False is not supported (workbench subtracts b_dec)")
+        ours = create("batchtopk", cfg.d_in, cfg.d_sae, 1, **info)
+        # SAELens: z = ReLU(pre) · 1[pre > θ] = pre · 1[pre > max(θ, 0)], our threshold rule.
+        ours.threshold.copy_(theirs.threshold[0].clamp_min(0))
+        ours.threshold_weight.fill_(1.0)
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             getattr(ours, name).copy_(getattr(theirs, name).float())
+        if not cfg.apply_b_dec_to_input:
+            # SAELens: pre = x W_enc + b_enc; ours subtracts b_dec first, so add it back in b_enc.
+            ours.b_enc += ours.b_dec @ ours.W_enc
     return ours.eval()
+
+
+def _raw_cfg(folder: Path) -> dict:
+    try:
+        raw = json.loads((folder / CFG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _fold_dataset_normalization(theirs, folder: Path) -> None:
+    """Fold the dataset-level input normalisation of a SAELens training run into the weights.
+
+    SAELens' trainer scales inputs by a constant s = √d_in / E‖x‖ (expected_average_only_in)
+    or whitens them, saves the statistics in activation_scaler.json beside a checkpoint, and
+    folds them into the weights at the end of training. SAELens' inference SAE ignores the
+    field, so a folder still marked with it needs those statistics: without them the SAE would
+    read unscaled inputs, so it is refused rather than opened wrong."""
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    rule = theirs.cfg.normalize_activations
+    scaler = ActivationScaler()
+    if (folder / SCALER_FILE).exists():
+        scaler.load(folder / SCALER_FILE)
+    if rule == "expected_average_only_in" and scaler.scaling_factor is not None:
+        theirs.fold_activation_norm_scaling_factor(scaler.scaling_factor)
+    elif rule == "covariance_whitening" and scaler.whitening is not None:
+        w = scaler.whitening
+        theirs.fold_activation_whitening(w.mean, w.matrix, w.inverse_matrix)
+    else:
+        what = "scaling factor" if rule == "expected_average_only_in" else "whitening statistics"
+        raise ValueError(
+            f"{folder}: cfg.json says normalize_activations={rule!r}, but the folder holds no {SCALER_FILE} with the "
+            f"{what} the weights were trained with, so its encodings cannot be reproduced. Put the training run's "
+            f"{SCALER_FILE} beside it, or fold the statistics with sae_lens (e.g. "
+            "sae.fold_activation_norm_scaling_factor(s); sae.save_model(new_folder)) and open that folder.")

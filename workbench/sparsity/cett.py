@@ -20,6 +20,7 @@ the target fraction: ``cats_threshold``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from jaxtyping import Float
@@ -27,6 +28,25 @@ from torch import Tensor
 
 DEFAULT_CHUNK_TOKENS = 4096  # rows per matmul: memory ≈ chunk · (d_mlp + d_model) · 8 bytes
 DEFAULT_MAX_ELEMENTS = 1 << 24  # quantiles beyond this many values use a seeded sample
+
+
+def _check_layer(x1: Tensor, w_out: Tensor, chunk_tokens: int = 1) -> None:
+    """Refuse what would fail deep inside (an empty ``torch.cat``, a max over nothing, a matmul
+    shape error) or give a silent NaN: CETT is a mean over tokens, so it needs at least one."""
+    if not isinstance(x1, Tensor) or not isinstance(w_out, Tensor) or x1.ndim != 2 or w_out.ndim != 2 \
+            or x1.shape[1] != w_out.shape[0]:
+        raise ValueError(f"need x1 [tokens, d_mlp] and w_out [d_mlp, d_model]; got {tuple(getattr(x1, 'shape', ()))} "
+                         f"and {tuple(getattr(w_out, 'shape', ()))}")
+    if x1.shape[0] == 0 or x1.shape[1] == 0:
+        raise ValueError(f"x1 {tuple(x1.shape)} is empty: CETT and activation ratios are means over tokens and neurons; "
+                         "pass the activations of at least one token")
+    if not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+
+
+def _check_threshold(threshold: float) -> None:
+    if math.isnan(threshold):  # every comparison with NaN is False: D would silently be empty
+        raise ValueError("threshold is NaN: give a layer threshold ε ≥ 0 (e.g. from cett_threshold)")
 
 
 def neuron_magnitudes(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_mlp d_model"]) -> Float[Tensor, "tokens d_mlp"]:
@@ -48,8 +68,8 @@ def neuron_thresholds(threshold: float, w_out: Float[Tensor, "d_mlp d_model"]) -
 
 def activation_ratio(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_mlp d_model"], threshold: float) -> float:
     """Fraction of (token, neuron) entries kept at layer threshold ε: ‖n_i‖ ≥ ε (1 − sparsity)."""
-    if x1.numel() == 0:
-        raise ValueError("x1 has no entries")
+    _check_layer(x1, w_out)
+    _check_threshold(threshold)
     kept = 0
     for chunk in x1.split(DEFAULT_CHUNK_TOKENS):
         kept += int((neuron_magnitudes(chunk.double(), w_out.double()) >= threshold).sum())
@@ -64,8 +84,7 @@ class _CETTCurve:
     """
 
     def __init__(self, x1: Tensor, w_out: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
-        if x1.ndim != 2 or w_out.ndim != 2 or x1.shape[1] != w_out.shape[0]:
-            raise ValueError(f"need x1 [tokens, d_mlp] and w_out [d_mlp, d_model]; got {tuple(x1.shape)} and {tuple(w_out.shape)}")
+        _check_layer(x1, w_out, chunk_tokens)
         self.x1, self.chunk = x1, chunk_tokens
         self.w_out = w_out.to(x1.device, torch.float64)
         self.col_norms = self.w_out.norm(dim=1)
@@ -74,6 +93,7 @@ class _CETTCurve:
         self.max_magnitude = max((float(neuron_magnitudes(c.double(), self.w_out).max()) for c in x1.split(chunk_tokens)), default=0.0)
 
     def __call__(self, threshold: float) -> float:
+        _check_threshold(threshold)
         n_valid = int(self.valid.sum())
         if n_valid == 0:
             return math.nan
@@ -105,6 +125,9 @@ def cett_curve(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_mlp d_
     of the x1 masked at every threshold. Searches that need ε(c) at many c (``ppl``)
     interpolate this curve instead of bisecting per c (a pass over the tokens per step).
     Memory: len(thresholds) · chunk · d_mlp floats."""
+    _check_layer(x1, w_out, chunk_tokens)
+    if thresholds.isnan().any():
+        raise ValueError("thresholds hold NaN: give layer thresholds ε ≥ 0")
     w = w_out.to(x1.device, torch.float32)
     norms = w.norm(dim=1)
     grid = thresholds.to(x1.device, torch.float32).view(-1, 1, 1)
@@ -134,6 +157,8 @@ def cett_threshold(x1: Float[Tensor, "tokens d_mlp"], w_out: Float[Tensor, "d_ml
     """
     if not 0.0 <= target_cett <= 1.0:
         raise ValueError(f"target_cett must lie in [0, 1], got {target_cett}")
+    if not rtol > 0 or max_iter < 1:
+        raise ValueError(f"need rtol > 0 and max_iter >= 1 for the bisection, got rtol={rtol}, max_iter={max_iter}")
     curve = _CETTCurve(x1, w_out, chunk_tokens)
     if curve.max_magnitude == 0.0 or target_cett == 0.0:
         return 0.0
