@@ -11,7 +11,21 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .format import BLOCK_ROWS, DTYPES, MANIFEST_FILE, TOKENS_FILE, CacheError, from_storage, read_json
+from .format import (
+    BLOCK_ROWS,
+    CONFIG_FILE,
+    DTYPES,
+    MANIFEST_FILE,
+    CacheError,
+    check_shard,
+    data_file,
+    from_storage,
+    read_json,
+    read_tokens,
+    redo_hint,
+)
+
+REBUILD_HINT = "Rerun the same cache_activations call: it checks the shards and rewrites the manifest and config."
 
 DEFAULT_BUFFER_ROWS = 1 << 16  # rows mixed at once when shuffling: memory ≈ buffer_rows · d · (2 or 4) bytes
 
@@ -26,9 +40,11 @@ class _Block:
 class ActivationCache:
     """A cache written by ``cache_activations``, opened read-only and memory-mapped.
 
-    Opening checks that every listed file exists with its recorded size (a truncated
-    shard is named at once); every block of rows read is checked against its CRC-32, so
-    corruption is reported by file name instead of read as data.
+    Opening checks the manifest against the config, every listed file's size and .npy
+    header against its record (a truncated shard, or a header whose dtype or byte order was
+    changed, is named at once), and tokens.npy against the SHA-256 of the cached ids. Every
+    block of rows read is checked against its CRC-32, so corruption is reported by file name
+    instead of read as data. ``verify()`` does all of it for every row.
     """
 
     def __init__(self, path: str | Path, manifest: dict):
@@ -37,7 +53,7 @@ class ActivationCache:
         self._shards = manifest["shards"]
         self._row_offsets = np.cumsum([0] + [s["rows"] for s in self._shards])
         self._files = {(s_i, f["name"]): f for s_i, s in enumerate(self._shards) for f in s["files"]}
-        self._layouts: dict[str, tuple] = {}
+        self._offsets: dict[str, int] = {}  # data offset of each file whose header was checked
         self._tokens: torch.Tensor | None = None
 
     @classmethod
@@ -46,22 +62,25 @@ class ActivationCache:
         if not (path / MANIFEST_FILE).exists():
             raise CacheError(f"{path} has no {MANIFEST_FILE}: it is not an activation cache, or caching "
                              "never finished a shard. Run cache_activations on it.")
-        manifest = read_json(path / MANIFEST_FILE)
+        manifest, config = read_json(path / MANIFEST_FILE, REBUILD_HINT), read_json(path / CONFIG_FILE, REBUILD_HINT)
+        try:
+            indices = [s["index"] for s in manifest["shards"]]
+            consistent = ({k: manifest[k] for k in config} == config and indices == sorted(set(indices))
+                          and manifest["complete"] == (indices == list(range(config["n_shards"]))))
+        except (KeyError, TypeError):
+            consistent = False
+        if not consistent:
+            raise CacheError(f"{path / MANIFEST_FILE} does not match {CONFIG_FILE}: the manifest is damaged. {REBUILD_HINT}")
         if not manifest["complete"] and not allow_incomplete:
             raise CacheError(
-                f"{path} is incomplete ({manifest['n_shards_complete']} of {manifest['n_shards']} shards): "
+                f"{path} is incomplete ({len(indices)} of {manifest['n_shards']} shards): "
                 "run the same cache_activations call again to finish it, or open with allow_incomplete=True."
             )
-        for shard in manifest["shards"]:
-            for record in shard["files"]:
-                file = path / record["name"]
-                if not file.exists():
-                    raise CacheError(f"{file} is listed in the manifest but missing: the cache is damaged. Rebuild it.")
-                if file.stat().st_size != record["nbytes"]:
-                    raise CacheError(f"{file} has {file.stat().st_size} bytes, the manifest says {record['nbytes']}: "
-                                     "the shard is truncated or corrupted. Delete it with its shard_*.json record "
-                                     "and re-run cache_activations to rewrite it.")
-        return cls(path, manifest)
+        cache = cls(path, manifest)
+        for shard in range(len(indices)):  # headers only: a few hundred bytes per file
+            cache._check_headers(shard)
+        read_tokens(path, manifest)  # 4 bytes per token, hashed at ~60M tokens/s: little next to the activations
+        return cache
 
     # --- description -------------------------------------------------------------------
     @property
@@ -88,8 +107,8 @@ class ActivationCache:
     @property
     def tokens(self) -> torch.Tensor:
         """Token ids [n_seq, seq_len] of the cached sequences (row r ↔ tokens.view(-1)[r])."""
-        if self._tokens is None:
-            self._tokens = torch.from_numpy(np.load(self.path / TOKENS_FILE).astype(np.int64))
+        if self._tokens is None:  # checked against the recorded SHA-256 as it is read
+            self._tokens = torch.from_numpy(read_tokens(self.path, self.manifest).astype(np.int64))
         return self._tokens
 
     def position(self, row: int) -> tuple[int, int]:
@@ -117,16 +136,18 @@ class ActivationCache:
         if hook not in self.manifest["hooks"]:
             raise KeyError(f"hook {hook!r} is not in this cache; it has {self.hooks}")
 
-    def _layout(self, shard: int, hook: str, grad: bool) -> tuple[str, int, tuple[int, int], np.dtype]:
-        """(file name, byte offset of row 0, shape, dtype) of one shard file, from its .npy header."""
-        name = f"shard_{self._shards[shard]['index']:05d}__{hook}{'.grad' if grad else ''}.npy"
-        if name not in self._layouts:
-            with open(self.path / name, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read_header(handle)
-                self._layouts[name] = (name, handle.tell(), shape, dtype)
-        return self._layouts[name]
+    def _check_headers(self, shard: int) -> None:
+        """Check a shard's record and its files' sizes and headers; keep their data offsets."""
+        record = self._shards[shard]
+        self._offsets.update(check_shard(self.path, self.manifest, record["index"], record))
+
+    def _layout(self, shard: int, hook: str, grad: bool) -> tuple[str, int]:
+        """(file name, byte offset of row 0) of one shard file. Shape and dtype come from the
+        record, never from the file: its header was checked to agree with them."""
+        name = data_file(self._shards[shard]["index"], hook, grad)
+        if name not in self._offsets:
+            self._check_headers(shard)
+        return name, self._offsets[name]
 
     def _read(self, shard: int, start: int, stop: int, hook: str, grad: bool, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of one shard file, verifying the CRC of each block touched.
@@ -136,7 +157,8 @@ class ActivationCache:
         Plain positioned reads rather than a memory map: mapped pages would count towards
         the process's resident memory and grow with the amount of cache read.
         """
-        name, offset, (rows, d), dtype = self._layout(shard, hook, grad)
+        name, offset = self._layout(shard, hook, grad)
+        rows, d, dtype = self._shards[shard]["rows"], self.d(hook), self._storage_dtype(grad)
         crcs = self._files[(shard, name)]["block_crc32"]
         first_block, last_block = start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS
         lo, hi = first_block * BLOCK_ROWS, min((last_block + 1) * BLOCK_ROWS, rows)
@@ -151,13 +173,12 @@ class ActivationCache:
             os.close(fd)
         if got != out.nbytes:
             raise CacheError(f"{self.path / name}: short read at rows {lo}–{hi}; the file is truncated. "
-                             "Delete it with its shard_*.json record and re-run cache_activations to rewrite it.")
+                             f"{redo_hint(self._shards[shard]['index'])}")
         for block in range(first_block, last_block + 1):  # CRC-32 runs at ~1 GB/s: cheaper than the float cast
             b_lo = (block - first_block) * BLOCK_ROWS
             if zlib.crc32(out[b_lo:b_lo + BLOCK_ROWS].data) != crcs[block]:
                 raise CacheError(f"{self.path / name}: rows {block * BLOCK_ROWS}–{min((block + 1) * BLOCK_ROWS, rows)} "
-                                 "fail their checksum; the file is corrupted. Delete it with its shard_*.json "
-                                 "record and re-run cache_activations to rewrite it.")
+                                 f"fail their checksum; the file is corrupted. {redo_hint(self._shards[shard]['index'])}")
         return out[start - lo:stop - lo]
 
     def activations(self, hook: str, rows, with_grads: bool = False, dtype: torch.dtype = torch.float32, device=None):
@@ -276,8 +297,17 @@ class ActivationCache:
         return tuple(tensors) if len(tensors) == 2 else tensors[0]
 
     def verify(self) -> None:
-        """Check every block of every file against its checksum (a full read of the cache)."""
+        """Check everything on disk again: tokens.npy against its SHA-256, and ``verify_rows``."""
+        read_tokens(self.path, self.manifest)
+        self.verify_rows()
+
+    def verify_rows(self) -> None:
+        """Check every shard file's size and header, and every block of rows against its
+        checksum: a full read of the cache, one block in memory at a time."""
+        self._offsets.clear()  # read the headers again: they may have changed since opening
         for shard, s in enumerate(self._shards):
+            self._check_headers(shard)
             for hook in self.hooks:
                 for grad in self._kinds(self.has_grads):
-                    self._read(shard, 0, s["rows"], hook, grad)
+                    for start in range(0, s["rows"], BLOCK_ROWS):
+                        self._read(shard, start, min(start + BLOCK_ROWS, s["rows"]), hook, grad)
