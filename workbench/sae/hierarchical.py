@@ -48,7 +48,10 @@ class HierarchicalTopKSAE(SparseAutoencoder):
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
         # Contributions l_(i) d_(i), sorted by value, summed cumulatively: x̂_j for every j at once.
-        contributions = result.code.values.unsqueeze(-1) * self.W_dec[result.code.indices]
+        # The rows are gathered with embedding, not W_dec[indices]: the backward of advanced
+        # indexing accumulates with atomic adds across CPU threads, in a varying order, so two
+        # runs (or a run and its resume) differed; embedding's backward sums each row in order.
+        contributions = result.code.values.unsqueeze(-1) * torch.nn.functional.embedding(result.code.indices, self.W_dec)
         budgets = torch.as_tensor(self.cfg.budgets, device=x.device) - 1
         partial = contributions.cumsum(1)[:, budgets] + self.b_dec  # [batch, |J|, d_in]
         return (partial - x.unsqueeze(1)).pow(2).sum(-1).mean()

@@ -55,6 +55,10 @@ class TrainConfig:
     """A latent is dead after this many tokens without firing; None: min(10M, total/5)."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm (None: no clipping)."""
+    skip_nonfinite: bool = False
+    """Skip batches with NaN/inf in x or g, or whose loss or gradient is NaN/inf, instead of
+    stopping with an error that names the batch; skipped batches are counted in
+    metrics.json ("skipped_nonfinite"). Off: bad data should be found, not averaged over."""
     b_dec_init: str = "geometric_median"
     """Decoder-bias initialisation: geometric_median, mean or zeros."""
     init_samples: int = 8192
@@ -68,7 +72,8 @@ class TrainConfig:
     device: str | None = None
     """Device; None: cuda when available, else cpu."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    """Save a resumable checkpoint every this many steps (0: none, except every minute in a
+    notebook and when interrupted)."""
     log_every: int = 25
     """Steps between logged metrics (and live-plot updates)."""
 
@@ -81,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"need 1 <= k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ValueError(f"need checkpoint_every >= 0 (0: none) and log_every >= 1, got {self.checkpoint_every} "
+                             f"and {self.log_every}")
         if not 0 <= self.decay_fraction < 1:
             raise ValueError(f"decay_fraction must lie in [0, 1), got {self.decay_fraction}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):

@@ -16,6 +16,10 @@ from ..sae.sparse_ops import gathered_pre_acts
 from .config import TrainConfig
 
 
+class NonFiniteError(FloatingPointError):
+    """A batch, loss or gradient held NaN/inf; the SAE was not updated with it."""
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -25,6 +29,17 @@ class StepStats:
     dead_fraction: float
     lr: float
     k: int
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any rank: replicas must take the same branch, or the next
+    collective (a gradient average) would wait forever for the rank that skipped."""
+    _, world = rank_and_world()
+    if world == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def _contiguous_alias(param: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -48,8 +63,9 @@ class SAETrainer:
         self.optimizer = torch.optim.Adam(list(self.optimized.values()), lr=cfg.resolved_lr(), betas=(0.9, 0.999),
                                           eps=6.25e-10, fused=fused)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
-        self.step_count = 0
-        self.tokens_seen = 0
+        self.step_count = 0  # batches consumed, skipped ones included: the position in the data stream
+        self.tokens_seen = 0  # rows trained on
+        self.skipped: list[int] = []  # batch indices skipped as non-finite (TrainConfig.skip_nonfinite)
         self.dead_tokens = cfg.resolved_dead_tokens()
         self.aux_k = cfg.aux_k or max(1, sae.cfg.d_in // 2)
         self.selection_dtype = cfg.selection_dtype(device)
@@ -94,10 +110,19 @@ class SAETrainer:
         residual_hat = self.sae.decode_sparse(code) - self.sae.b_dec
         return (residual_hat - residual).pow(2).sum(-1).mean()
 
-    def step(self, x: Tensor, g: Tensor | None = None) -> StepStats:
+    def skip(self) -> None:
+        """Consume a batch without training on it (a non-finite one, with skip_nonfinite)."""
+        self.skipped.append(self.step_count)
+        self.step_count += 1
+
+    def step(self, x: Tensor, g: Tensor | None = None) -> StepStats | None:
         """One optimiser step on this process's batch ``x`` (under torchrun, each rank
         steps on its own batch and the gradients are averaged, so one step sees
-        world × batch rows)."""
+        world × batch rows).
+
+        A non-finite loss or gradient norm (on any rank) leaves the SAE, its optimiser and
+        its statistics untouched: with ``cfg.skip_nonfinite`` the batch is counted as
+        skipped and None is returned, otherwise ``NonFiniteError`` is raised."""
         sae, cfg = self.sae, self.cfg
         _, world = rank_and_world()
         k = self.k_now()
@@ -111,9 +136,9 @@ class SAETrainer:
         # Loaded SAEs come in eval mode (and callers may evaluate between steps); training
         # needs the training rule (BatchTopK's batch top-k), and records θ in that mode.
         sae.train()
-        # θ is BatchTopK's inference stand-in for keeping k·B per batch: batches kept at
-        # k_now > k would bias it low, so only batches at the final k are observed.
-        result = sae.forward_train(x, self.selection_dtype, observe=not annealing, **select_kwargs)
+        # Not observed yet (θ, BatchTopK's inference threshold): only once the step is known
+        # to be finite, so a skipped batch leaves no trace in the SAE.
+        result = sae.forward_train(x, self.selection_dtype, observe=False, **select_kwargs)
         # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
         # depend on the activations' scale.
         variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -125,7 +150,25 @@ class SAETrainer:
         self._average_gradients_across_ranks()
         self._remove_parallel_decoder_grad()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+        # One check of two scalars (one device sync, which the statistics below make anyway):
+        # Adam would spread a NaN gradient into every parameter and both moments for good.
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if any_rank(not finite, x.device):
+            sae.zero_grad(set_to_none=True)
+            if cfg.skip_nonfinite:
+                self.skip()
+                return None
+            raise NonFiniteError(
+                f"the loss ({float(loss.detach()):.4g}) or gradient norm ({float(grad_norm):.4g}) is NaN/inf on a "
+                "finite batch: the SAE diverged, or the data's scale overflows float32 when squared. Lower the lr "
+                f"(now {lr:.3g}), check the data's scale, or pass TrainConfig(skip_nonfinite=True) to skip such batches")
+        # θ is BatchTopK's inference stand-in for keeping k·B per batch: batches kept at
+        # k_now > k would bias it low, so only batches at the final k are observed.
+        if not annealing:
+            sae.observe(result.code)
         for name, param in sae.named_parameters():
             alias = self.optimized[name]
             if alias is not param:
