@@ -4,13 +4,15 @@ Start with ``workbench.load_model()`` (the offline default model) and
 ``workbench.load_tokens()`` (its tokenized training corpus); see README.md.
 """
 
-from . import figures, paths, sae, settings
+from . import features, figures, paths, sae, settings
 from .cache import ActivationCache, CacheError, cache_activations
 from .data import load_tokens, unigram_entropy
 from .models import ModelUnavailableOffline, best_device, list_models, load_model, model_card, zoo_checkpoints
+from .saes import list_saes, load_sae, sae_card
 from .prompts import PromptReport, plot_token_losses, prompt_report
 from .trainer import TrainConfig, train_sae, train_saes
-from .widgets import ActivationViewer, TokenView
+from .steering import steer
+from .widgets import ActivationViewer, FeatureBrowser, TokenView
 from .zoo.specs import DEFAULT_MODEL
 
 __version__ = "0.1.0"
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCache",
     "ActivationViewer",
+    "FeatureBrowser",
+    "steer",
     "TokenView",
     "settings",
     "CacheError",
@@ -29,7 +33,11 @@ __all__ = [
     "PromptReport",
     "TrainConfig",
     "best_device",
+    "features",
     "figures",
+    "list_saes",
+    "load_sae",
+    "sae_card",
     "list_models",
     "load_model",
     "load_tokens",

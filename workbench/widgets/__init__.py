@@ -6,14 +6,17 @@
   contexts with tokens highlighted by its activation, or a row's top neurons;
 - ``SparsityExplorer`` (sparsity_explorer.py): model, method, layer and a target slider over
   a precomputed ``workbench.sparsity.explore.SparsityGrid``; no model run per move;
+- ``FeatureBrowser`` (feature_browser.py): one SAE feature's dashboard from a feature index
+  (``workbench.features``), found by id, by search or on typed text; steering; export;
 
 Token sequences are drawn by one anywidget ES module shipped here (tokens.js: no CDN, every
 string set as text, never as HTML).
 """
 
+from .feature_browser import FeatureBrowser, feature_data, prompt_features, search_features
 from .activation_viewer import ActivationViewer, context_activations, row_top_neurons, top_activating_rows
 from .sparsity_explorer import SparsityExplorer
 from .token_view import TokenView, token_view_data
 
-__all__ = ["ActivationViewer", "SparsityExplorer", "TokenView", "context_activations", "row_top_neurons", "token_view_data",
+__all__ = ["ActivationViewer", "FeatureBrowser", "feature_data", "prompt_features", "search_features", "SparsityExplorer", "TokenView", "context_activations", "row_top_neurons", "token_view_data",
            "top_activating_rows"]

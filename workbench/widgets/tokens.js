@@ -6,7 +6,8 @@
 // from the kernel reaches the DOM through textContent or a plain attribute, never as HTML.
 //
 // Synced traits (see TokenSequences in token_view.py):
-//   kind      "token_view" | "activation_viewer"  (root class .wb-token-view / .wb-activation-viewer)
+//   kind      "token_view" | "activation_viewer" | "feature_contexts" | "prompt_features"
+//             (root class .wb-token-view, .wb-activation-viewer, ...)
 //   title     one line of summary                 (.wb-summary)
 //   error     a message shown instead of tokens   (.wb-error)
 //   scale     {min, max, label, diverging}        (.wb-legend)
@@ -14,7 +15,7 @@
 //   selected  {line, position} | null            (set by a click, or by the kernel)
 //   detail    {line, position, sections}          (the kernel's extra detail for the selected token)
 // section = {title, tokens?: bool, rows: [{label, value, neuron?}]}; a row with `neuron` is a
-// link: clicking it sends {select_neuron: neuron} to the kernel.
+// link: clicking it sends {select_neuron: neuron} to the kernel (a neuron, or an SAE feature).
 
 const WHITESPACE = { " ": "\u00b7", "\n": "\u23ce", "\t": "\u2192", "\r": "\u240d" };
 
@@ -139,7 +140,10 @@ function render({ model, el }) {
 
   function draw() {
     const kind = model.get("kind");
-    root.className = "wb-tokens " + (kind === "activation_viewer" ? "wb-activation-viewer" : "wb-token-view");
+    // Root class from the kind: "feature_contexts" → .wb-feature-contexts. Lines of text (the
+    // token view, a prompt) wrap at newlines; contexts are one scrolling line each.
+    root.className = "wb-tokens wb-" + String(kind).replace(/_/g, "-");
+    const asText = kind === "token_view" || kind === "prompt_features";
     root.replaceChildren();
     hovered = null;
     const scale = model.get("scale") ?? {};
@@ -149,7 +153,7 @@ function render({ model, el }) {
     root.appendChild(legend(scale));
     const lines = node("div", "wb-lines");
     (model.get("lines") ?? []).forEach((line, li) => {
-      const div = node("div", kind === "activation_viewer" ? "wb-line wb-context" : "wb-line");
+      const div = node("div", asText ? "wb-line" : "wb-line wb-context");
       div.dataset.line = String(li);
       if (line.label) div.appendChild(node("span", "wb-line-label", line.label));
       line.tokens.forEach((token, pos) => {
@@ -167,7 +171,7 @@ function render({ model, el }) {
         });
         div.appendChild(span);
         // The token view reads like the code it shows: a new line after a newline token.
-        if (kind !== "activation_viewer" && String(token.text).includes("\n")) div.appendChild(node("br"));
+        if (asText && String(token.text).includes("\n")) div.appendChild(node("br"));
       });
       lines.appendChild(div);
     });
