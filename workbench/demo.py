@@ -75,6 +75,42 @@ def _sae_stage(model, cache_path: str, hook: str, out_dir) -> dict:
     return {"saes": rows}
 
 
+def _feature_stage(model, out_dir) -> dict:
+    """Index a shipped SAE's features on held-out text; print one feature's top contexts; a figure."""
+    import matplotlib.pyplot as plt
+
+    import workbench as wb
+    from workbench.widgets.feature_browser import feature_data, plot_feature, search_features, vocabulary
+
+    name = f"{wb.DEFAULT_MODEL}/blocks.2.hook_resid_post/topk-2048"
+    sae, card = wb.load_sae(name), wb.sae_card(name)
+    _say("features", f"{len(wb.list_saes())} shipped SAEs; {name}: held-out FVU {card.fvu:.3f}, L0 {card.l0:.1f}, "
+         f"CE recovered {card.ce_recovered_vs_zero:.1%}")
+    tokens = wb.load_tokens("stdlib", "val", n_tokens=8_192 if quick_mode() else 65_536)
+    folder = wb.paths.cache_dir() / "demo" / f"features-{tokens.numel()}"
+    started = time.perf_counter()
+    cache = wb.ActivationCache.open(wb.cache_activations(model, tokens, [card.hook], folder, progress=False))
+    index = wb.features.build_index(sae, cache, out_dir=folder / "index", model=model, progress=False)
+    _say("features", f"indexed {index.d_sae:,} features over {index.n_rows:,} held-out rows in "
+         f"{time.perf_counter() - started:.1f} s (cache and index)")
+    vocab = vocabulary(model.tokenizer, model.cfg.d_vocab)
+    found = search_features(index, " return", vocab, limit=1)
+    feature = found[0][0] if found else int(max(range(index.d_sae), key=index.density))
+    data = feature_data(index, feature, vocab)
+    _say("features", f"feature {feature} (density {data['stats']['density']:.2%}, max {data['stats']['max']:.2f}); "
+         "top contexts, [activating token]:")
+    for context in data["contexts"][:3]:
+        text = "".join(f"[{t}]" if i == context["centre"] else t for i, t in enumerate(context["tokens"]))
+        _say("features", f"  {context['activation']:.2f}: {text!r}")
+    if data["logits"]:
+        _say("features", "promotes " + ", ".join(repr(t) for t, _ in data["logits"]["top"][:5]))
+    fig = plot_feature(data)
+    paths = wb.figures.save_figure(fig, "demo_feature", out_dir=out_dir)
+    plt.close(fig)
+    _say("figure", f"wrote {', '.join(map(str, paths))}")
+    return {"feature": feature, "feature_density": data["stats"]["density"]}
+
+
 def _sparsity_stage(out_dir) -> dict:
     """Activation sparsity of the three zoo models: lazy neurons, PPL-1%, two methods' curves,
     and ProSparse on the default model (the full study: ``python -m workbench sparsity``)."""
@@ -143,6 +179,7 @@ def run_demo(out_dir: str | Path | None = None) -> dict:
 
     results.update(_cache_stage(model, wb.DEFAULT_MODEL))
     results.update(_sae_stage(model, results["cache_path"], results["hook"], out_dir))
+    results.update(_feature_stage(model, out_dir))
     results.update(_sparsity_stage(out_dir))
 
     results["seconds"] = time.perf_counter() - started

@@ -174,7 +174,9 @@ def _contexts(cache, values, indices, chosen_rows, chosen_values, window, progre
     tokens = cache.tokens.reshape(-1).long()
     seq_len, n = cache.seq_len, values.shape[0]
     offsets = torch.arange(-before, after + 1)
-    ctx_tokens = torch.full((d_sae, n_ctx, width), -1, dtype=torch.int32)
+    # Token ids in 2 bytes when the vocabulary allows (-1 pads): the largest table of the index.
+    id_dtype = torch.int16 if int(tokens.max()) < 2**15 else torch.int32
+    ctx_tokens = torch.full((d_sae, n_ctx, width), -1, dtype=id_dtype)
     ctx_acts = torch.zeros((d_sae, n_ctx, width), dtype=torch.float16)
     for f0 in tqdm(range(0, d_sae, features_per_block), desc="index: contexts", disable=not progress, unit="block"):
         f1 = min(f0 + features_per_block, d_sae)
@@ -183,7 +185,7 @@ def _contexts(cache, values, indices, chosen_rows, chosen_values, window, progre
         same_seq = (centre.unsqueeze(-1) >= 0) & (at >= 0) & (at < n) & (at.div(seq_len, rounding_mode="floor")
                                                                           == centre.unsqueeze(-1).div(seq_len, rounding_mode="floor"))
         safe = torch.where(same_seq, at, torch.zeros_like(at))
-        ctx_tokens[f0:f1] = torch.where(same_seq, tokens[safe], torch.full_like(safe, -1)).to(torch.int32)
+        ctx_tokens[f0:f1] = torch.where(same_seq, tokens[safe], torch.full_like(safe, -1)).to(id_dtype)
         feature = torch.arange(f0, f1).view(-1, 1, 1, 1)
         hit = (indices[safe].long() == feature) & same_seq.unsqueeze(-1)  # [F, C, W, k]
         ctx_acts[f0:f1] = (values[safe] * hit).sum(-1).to(torch.float16)
@@ -229,7 +231,7 @@ def _decoder_tables(sae, model, n_related: int, block: int = 1024) -> dict:
     return out
 
 
-def _correlations(values, indices, d_sae, n_related, correlation_rows, progress, block_bytes: int = 1 << 28) -> dict:
+def _correlations(values, indices, d_sae, n_related, correlation_rows, progress, block_bytes: int = 1 << 27) -> dict:
     """Top features by Pearson correlation of activations and by Jaccard co-occurrence,
     over evenly spaced rows: Gram matrices Zᵀ Z (values) and Aᵀ A (fired) from sparse codes."""
     n = values.shape[0]
@@ -251,7 +253,7 @@ def _correlations(values, indices, d_sae, n_related, correlation_rows, progress,
     m = min(n_related, d_sae - 1)
     out = {name: np.zeros((d_sae, m), dtype) for name, dtype in (("correlated_ids", np.int32), ("correlated_r", np.float32),
                                                                  ("cooccurring_ids", np.int32), ("cooccurring_jaccard", np.float32))}
-    block = max(1, block_bytes // (8 * d_sae))
+    block = max(1, block_bytes // (8 * max(d_sae, r)))  # z_block [r, block] and the grams [block, d_sae], float64
     for f0 in tqdm(range(0, d_sae, block), desc="index: correlations", disable=not progress, unit="block"):
         f1 = min(f0 + block, d_sae)
         cols = feat.ge(f0) & feat.lt(f1)

@@ -41,9 +41,10 @@ def saes_dir() -> Path:
 
 
 def train_catalogue(names: list[str] | None = None, train_tokens: int | None = None, eval_tokens: int = EVAL_TOKENS,
-                    out_dir: Path | None = None, progress: bool = True) -> list[SAECard]:
+                    out_dir: Path | None = None, run_root: Path | None = None, progress: bool = True) -> list[SAECard]:
     """Train (or resume) the shipped SAEs named (default: all of ``CATALOGUE``) and write each
-    to ``out_dir/<name>/`` (cfg.json, sae.safetensors in fp16, card.json)."""
+    to ``out_dir/<name>/`` (cfg.json, sae.safetensors in fp16, card.json). Training runs
+    (resumable) live under ``run_root`` (default ``data/checkpoints/saes/``)."""
     unknown = sorted(set(names or []) - set(CATALOGUE))
     if unknown:
         raise ValueError(f"not in the catalogue: {unknown}; its SAEs: {sorted(CATALOGUE)}")
@@ -53,11 +54,13 @@ def train_catalogue(names: list[str] | None = None, train_tokens: int | None = N
     out_dir = Path(out_dir) if out_dir is not None else saes_dir()
     cards = []
     for model_name, group in groupby(sorted(specs, key=lambda s: s.model), key=lambda s: s.model):
-        cards += _train_model_saes(model_name, list(group), eval_tokens, out_dir, progress)
+        cards += _train_model_saes(model_name, list(group), eval_tokens, out_dir,
+                                   Path(run_root) if run_root is not None else checkpoints_dir() / "saes", progress)
     return cards
 
 
-def _train_model_saes(model_name: str, specs: list[SAESpec], eval_tokens: int, out_dir: Path, progress: bool) -> list[SAECard]:
+def _train_model_saes(model_name: str, specs: list[SAESpec], eval_tokens: int, out_dir: Path, run_root: Path,
+                      progress: bool) -> list[SAECard]:
     model = load_model(model_name)
     hooks = list(dict.fromkeys(s.hook for s in specs))
     n_train = max(s.train_tokens for s in specs)
@@ -75,7 +78,7 @@ def _train_model_saes(model_name: str, specs: list[SAESpec], eval_tokens: int, o
         configs = [TrainConfig(architecture=s.architecture, d_sae=s.d_sae, k=s.k, hook_name=hook, seed=s.seed,
                                total_tokens=s.train_tokens) for s in mine]
         started = time.perf_counter()
-        saes = train_saes(configs, train_cache, run_dir=checkpoints_dir() / "saes" / model_name / hook, progress=progress,
+        saes = train_saes(configs, train_cache, run_dir=run_root / f"{model_name}-{tokens.numel()}" / hook, progress=progress,
                           live_plot=False)
         train_time = time.perf_counter() - started  # ~0 when the sweep was already finished (then the card keeps its time)
         # Evaluate the weights as shipped: rounded to fp16 first.

@@ -389,6 +389,7 @@ class FeatureBrowser(widgets.VBox):
                                    "from activation-quantile bins (bold: the activating token)")
             self.contexts.lines = lines
         self.related.children = [self._related_row(title, data[key]) for key, title in RELATED]
+        self.alpha.value = round(2 * data["stats"]["max"], 2)  # twice its strongest firing: a visible push
         if self.prompt is not None:
             self._draw_prompt()
 
