@@ -161,7 +161,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        exported = wb.sae.interop.export_sae_lens(wb.load_sae(SAE_NAME, device="cpu"), tmp / "sae-lens")
+        from workbench.sae.interop import export_sae_lens
+
+        exported = export_sae_lens(wb.load_sae(SAE_NAME, device="cpu"), tmp / "sae-lens")
         html = tmp / "dashboard.html"
         run = subprocess.run([args.saedash_python, __file__, "--part", "saedash", "--sae-folder", str(exported),
                               "--out", str(html)], capture_output=True, text=True)

@@ -4,6 +4,7 @@
 """
 
 from . import batchtopk, gradient, hierarchical, matryoshka, topk  # noqa: F401  (registers them)
+from . import interop  # noqa: F401  (wb.sae.interop.export_sae_lens; sae_lens itself is imported on use)
 from .base import REGISTRY, ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, create, load, register
 
 ARCHITECTURES = tuple(sorted(REGISTRY))
