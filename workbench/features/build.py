@@ -45,16 +45,20 @@ def build_index(sae, cache, hook: str | None = None, out_dir: str | Path | None 
                 histogram_bins: int = 32, n_related: int = 10, correlation_rows: int = 16_384, batch_size: int = 4096,
                 progress: bool = True) -> FeatureIndex:
     """Index every feature of ``sae`` over the rows of ``hook`` (default: the SAE's
-    hook_name) in ``cache`` (an ActivationCache), writing to ``out_dir`` (default: beside
+    hook_name) in ``cache`` (an ActivationCache; or token ids with ``model``, which are
+    cached first under data/cache/features/), writing to ``out_dir`` (default: beside
     the cache, ``<cache>/features/<sae hash>``). ``model`` (optional) adds each feature's
     promoted and suppressed tokens (W_dec[f]·W_U, through ln_final's scale). A finished
     index of the same SAE and cache is reopened instead of rebuilt."""
     from ..cache import ActivationCache
 
-    if not isinstance(cache, ActivationCache):
-        raise TypeError(f"build_index needs an ActivationCache, got {type(cache).__name__}: cache the hook first with "
-                        "wb.cache_activations(model, tokens, [hook], folder) and open it with wb.ActivationCache.open")
     hook = hook or sae.cfg.hook_name
+    if isinstance(cache, torch.Tensor) and model is not None and not cache.is_floating_point():
+        cache = _cache_tokens(model, cache, hook, progress)
+    if not isinstance(cache, ActivationCache):
+        raise TypeError(f"build_index needs an ActivationCache (or token ids [n_seq, seq_len] with model=), got "
+                        f"{type(cache).__name__}: cache the hook first with wb.cache_activations(model, tokens, [hook], "
+                        "folder) and open it with wb.ActivationCache.open")
     if hook not in cache.hooks:
         raise ValueError(f"hook {hook!r} is not in the cache {cache.path}, which has {cache.hooks}")
     if cache.d(hook) != sae.cfg.d_in:
@@ -113,6 +117,18 @@ def build_index(sae, cache, hook: str | None = None, out_dir: str | Path | None 
             "build_seconds": round(time.perf_counter() - started, 2), "files": sorted(arrays)}
     atomic_write_text(out_dir / INDEX_FILE, json.dumps(meta, indent=1) + "\n")
     return FeatureIndex.open(out_dir)
+
+
+def _cache_tokens(model, tokens: torch.Tensor, hook: str, progress: bool):
+    """Cache ``hook`` of ``model`` on ``tokens`` under data/cache/features/ (reused when the same)."""
+    from ..cache import ActivationCache, cache_activations
+    from ..cache.format import model_fingerprint
+    from ..paths import cache_dir
+
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), hook, list(tokens.shape)]).encode())
+    key.update(tokens.cpu().numpy().tobytes())
+    folder = cache_dir() / "features" / f"{hook}-{tokens.numel()}-{key.hexdigest()[:12]}"
+    return ActivationCache.open(cache_activations(model, tokens, [hook], folder, progress=progress))
 
 
 def _per_feature_tables(values, indices, d_sae, top_n, n_bins, samples_per_bin, histogram_bins, count, total, peak, n):
