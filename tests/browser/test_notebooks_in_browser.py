@@ -10,8 +10,11 @@ Some only:  WORKBENCH_BROWSER_NOTEBOOKS=01,02 ...   Timeout per notebook: WORKBE
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import statistics
+import time
 
 import pytest
 
@@ -19,7 +22,7 @@ from .jupyterlab import NOTEBOOKS_DIR
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ALL_NOTEBOOKS = sorted(path.name for path in NOTEBOOKS_DIR.glob("0[1-4]_*.ipynb"))
+ALL_NOTEBOOKS = sorted(path.name for path in NOTEBOOKS_DIR.glob("0[1-9]_*.ipynb"))
 # WORKBENCH_BROWSER_NOTEBOOKS=01,02 runs only those (03/04 take ~6 and ~10 min at quick size).
 _ONLY = [p.strip() for p in os.environ.get("WORKBENCH_BROWSER_NOTEBOOKS", "").split(",") if p.strip()]
 NOTEBOOKS = [name for name in ALL_NOTEBOOKS if not _ONLY or any(name.startswith(p) for p in _ONLY)]
@@ -35,7 +38,7 @@ def _code(source: str) -> str:
 
 
 def test_there_are_notebooks():
-    assert len(ALL_NOTEBOOKS) >= 4, f"expected notebooks 01..04 under {NOTEBOOKS_DIR}, found {ALL_NOTEBOOKS}"
+    assert len(ALL_NOTEBOOKS) >= 5, f"expected notebooks 01..05 under {NOTEBOOKS_DIR}, found {ALL_NOTEBOOKS}"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -114,4 +117,46 @@ def _sparsity_explorer(lab) -> None:
     lab.wait_for_text(".wb-sparsity-explorer .wb-export-status", "wrote", timeout_s=60)
 
 
-INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer}
+HOSTILE_PROMPT = "s = '<script>alert(3)</script>' + '<img src=x onerror=alert(4)>'"
+
+
+def _feature_browser(lab) -> None:
+    """Notebook 05: typing a feature id shows that feature (its top context with the activating
+    token marked); a related feature's button goes to it (click-to-render latency measured);
+    a typed prompt shows its tokens, markup as text; export writes the figure."""
+    dialogs = []
+    lab.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    header = ".wb-feature-header"
+    lab.type(".wb-feature", "5", submit=True)
+    lab.wait_for_text(header, "feature 5 of", timeout_s=60)
+    lab.wait_for(".wb-feature-contexts .wb-context .wb-token.wb-marked")
+    top = lab.text(".wb-feature-contexts .wb-context")
+    assert top.startswith("#1"), top  # the first line is the top context
+    latencies = []
+    for _ in range(8):
+        button = lab.locator(".wb-related-button button, button.wb-related-button")
+        target = button.inner_text().split()[0]
+        started = time.perf_counter()
+        button.click()
+        lab.wait_for_text(header, f"feature {target} of", timeout_s=30)
+        latencies.append(time.perf_counter() - started)
+    lab.type(".wb-prompt-input", HOSTILE_PROMPT)
+    lab.wait_for_text(".wb-prompt-features", "onerror", timeout_s=60)
+    view = lab.locator(".wb-prompt-features")
+    assert view.locator("img, script").count() == 0, "prompt text was rendered as HTML"
+    shown = "".join(view.locator("span.wb-token").all_inner_texts())
+    assert "<script>" in shown and "<img" in shown, shown
+    lab.click(".wb-prompt-features span.wb-token[data-position='2']")
+    lab.wait_for_text(".wb-prompt-features .wb-token-detail", "feature", timeout_s=30)
+    lab.click("button.wb-export, .wb-export button")
+    lab.wait_for_text(".wb-export-status", "saved", timeout_s=60)
+    lab.page.wait_for_timeout(500)
+    assert not dialogs, f"a script ran: {dialogs}"
+    # For benchmarks/RESULTS.md (bench_features): click to rendered panel, in the browser.
+    record = {"click_to_render_s": latencies, "median_s": statistics.median(latencies),
+              "p95_s": sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)]}
+    (lab.out_dir / "feature_switch_latency.json").write_text(json.dumps(record, indent=1))
+    assert record["p95_s"] < 2.0, record  # a loose bound for a loaded CI machine; the benchmark reports the numbers
+
+
+INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer, "05": _feature_browser}
