@@ -300,7 +300,9 @@ def _sae_sha256(sae) -> str:
 
 
 def _cache_sha256(cache) -> str:
-    return hashlib.sha256(json.dumps(cache.manifest, sort_keys=True, default=str).encode()).hexdigest()
+    from ..trainer.run_folder import data_fingerprint  # the manifest's hash: changes with any byte of the cache
+
+    return data_fingerprint(cache)["sha256"]
 
 
 __all__ = ["FILES", "build_index"]

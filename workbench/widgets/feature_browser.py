@@ -44,9 +44,9 @@ WHITESPACE = {" ": "\u00b7", "\n": "\u23ce", "\t": "\u2192", "\r": "\u240d"}
 
 def vocabulary(tokenizer, d_vocab: int) -> list[str]:
     """Every token id's string (decoded once per browser; ``[id]`` without a tokenizer)."""
-    if tokenizer is None:
-        return [f"[{i}]" for i in range(d_vocab)]
-    return [tokenizer.decode([i]) for i in range(d_vocab)]
+    from .activation_viewer import _decode
+
+    return _decode(tokenizer, list(range(d_vocab)))
 
 
 def _visible(text: str) -> str:
@@ -97,7 +97,7 @@ def prompt_features(model, sae, text: str, n: int = 5, vocab: list[str] | None =
     """What fires where on ``text``: per token (BOS first), its string and the SAE's ``n``
     most active features there, (feature, activation); and the dense activations [tokens,
     d_sae] of the features that appear, for colouring by one feature."""
-    from ..evals import check_hook
+    from ..evals import check_hook, evaluating
 
     hook = check_hook(model, sae.cfg.hook_name)
     ids = _check_text(model, text)
@@ -105,12 +105,8 @@ def prompt_features(model, sae, text: str, n: int = 5, vocab: list[str] | None =
     model.run_with_hooks(ids, return_type=None, fwd_hooks=[(hook, lambda act, hook: captured.__setitem__("x", act))],
                          stop_at_layer=int(hook.split(".")[1]) + 1 if hook.startswith("blocks.") else None)
     x = captured["x"][0].reshape(ids.shape[1], -1).float()
-    was_training = sae.training
-    sae.eval()
-    try:
+    with evaluating(sae):
         code = sae.encode_sparse(x.to(sae.W_dec.device))
-    finally:
-        sae.train(was_training)
     values, order = code.values.sort(dim=1, descending=True)
     indices = code.indices.gather(1, order)
     token_ids = ids[0].tolist()
