@@ -186,6 +186,7 @@ def feature_html(data: dict) -> str:
     return header_html(data) + stats_html(data) + logits_html(data) + contexts_html(data) + related
 
 
+RELATED_SHOWN = 6  # buttons per kind of related feature
 RELATED = (("neighbours", "nearest by decoder cosine"), ("correlated", "most correlated (Pearson)"),
            ("cooccurring", "most co-occurring (Jaccard)"))
 
@@ -259,7 +260,13 @@ class FeatureBrowser(widgets.VBox):
         self.logits_panel = widgets.HTML(layout=widgets.Layout(width="340px"))
         self.logits_panel.add_class("wb-feature-logits")
         self.contexts = TokenSequences(kind="feature_contexts")
-        self.related = widgets.VBox()
+        # A fixed pool of buttons, relabelled per feature: replacing widgets on every switch
+        # would let a click land on a view that is being torn down (and leak widget models).
+        self.related_buttons = {key: [self._related_button() for _ in range(RELATED_SHOWN)] for key, _ in RELATED}
+        self.related = widgets.VBox([
+            widgets.VBox([widgets.HTML(f'<div class="wb-panel-title">{_e(title)}</div>'),
+                          widgets.HBox(self.related_buttons[key], layout=widgets.Layout(flex_flow="row wrap"))],
+                         layout=widgets.Layout(width="360px")) for key, title in RELATED])
         self.prompt_input = widgets.Textarea(value=prompt, continuous_update=False, description="what fires here",
                                              layout=widgets.Layout(width="100%", height="6em"))
         self.prompt_input.add_class("wb-prompt-input")
@@ -378,27 +385,30 @@ class FeatureBrowser(widgets.VBox):
         self.latencies.append(time.perf_counter() - started)
         self.data = data
         peak = data["stats"]["max"] or 1.0
-        self.header.value, self.stats_panel.value, self.logits_panel.value = header, stats, logits
+        self.stats_panel.value, self.logits_panel.value = stats, logits
         with self.contexts.hold_sync():
             self.contexts.scale = {"min": -peak, "max": peak, "label": f"feature {f}", "diverging": True}
             self.contexts.title = (f"top {sum(c['kind'] == 'top' for c in data['contexts'])} contexts, then samples "
                                    "from activation-quantile bins (bold: the activating token)")
             self.contexts.lines = lines
-        self.related.children = [self._related_row(title, data[key]) for key, title in RELATED]
+        for key, _ in RELATED:
+            pairs = list(data[key])[:RELATED_SHOWN]
+            for i, button in enumerate(self.related_buttons[key]):
+                button.target = pairs[i][0] if i < len(pairs) else None
+                button.description = f"{pairs[i][0]} ({pairs[i][1]:.2f})" if i < len(pairs) else ""
+                button.layout.display = None if i < len(pairs) else "none"
         self.alpha.value = round(2 * data["stats"]["max"], 2)  # twice its strongest firing: a visible push
         if self.prompt is not None:
             self._draw_prompt()
+        # Last, so that a header naming feature f means every panel above already shows f.
+        self.header.value = header
 
-    def _related_row(self, title: str, pairs) -> widgets.Widget:
-        buttons = []
-        for j, value in pairs[:6]:
-            button = widgets.Button(description=f"{j} ({value:.2f})", layout=widgets.Layout(width="auto"))
-            button.add_class("wb-related-button")
-            button.on_click(lambda _, j=j: self.select(j))
-            buttons.append(button)
-        return widgets.VBox([widgets.HTML(f'<div class="wb-panel-title">{_e(title)}</div>'),
-                             widgets.HBox(buttons, layout=widgets.Layout(flex_flow="row wrap"))],
-                            layout=widgets.Layout(width="360px"))
+    def _related_button(self) -> widgets.Button:
+        button = widgets.Button(layout=widgets.Layout(width="auto"))
+        button.add_class("wb-related-button")
+        button.target = None
+        button.on_click(lambda b: b.target is not None and self.select(b.target))
+        return button
 
     def _draw_prompt(self) -> None:
         f = self.data["feature"]
