@@ -175,6 +175,21 @@ def main() -> None:
     write_section("bench_features", report(theirs, mine))
 
 
+BROWSER_LATENCY = (Path(__file__).resolve().parents[1] / "tests/browser/screenshots"
+                   / "test_notebook_runs_in_jupyterlab_05_browse_features.ipynb/feature_switch_latency.json")
+
+
+def _browser_row() -> list[str]:
+    """Click to rendered panel in Chromium, as the last browser test run measured it."""
+    if not BROWSER_LATENCY.exists():
+        return ["feature switch, click to rendered panel (Chromium)", "not measured: run the browser test of "
+                "notebook 05 with WORKBENCH_SCREENSHOTS=1 first", "—", ""]
+    record = json.loads(BROWSER_LATENCY.read_text())
+    clicks = len(record["click_to_render_s"])
+    return ["feature switch, click to rendered panel (Chromium, browser test)",
+            f"{record['median_s'] * 1000:.0f} / {record['p95_s'] * 1000:.0f} ms (p50 / p95 of {clicks} clicks)", "—", ""]
+
+
 def report(theirs: dict, mine: dict) -> str:
     small, big = mine["2048"], mine["16384"]
     their_total = theirs["build_s"] + theirs["write_s"]
@@ -187,6 +202,7 @@ def report(theirs: dict, mine: dict) -> str:
         ["notebook output", f"{small['output_bytes'] / 1000:.0f} kB", "the whole HTML", ""],
         ["feature switch, data path p50 / p95", f"{small['switch_p50_s'] * 1000:.1f} / {small['switch_p95_s'] * 1000:.1f} ms",
          "—", ""],
+        _browser_row(),
     ]
     big_rows = [[f"{big['d_sae']:,} features × {big['rows']:,} rows", f"{big['build_s']:.1f} s",
                  f"{big['build_s'] / big['encode_s']:.2f}× ({big['encode_s']:.1f} s)", f"{big['index_bytes'] / 2**20:.1f} MiB",

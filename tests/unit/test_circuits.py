@@ -1,0 +1,206 @@
+"""Sparse feature circuits on tiny hand-set models (Marks et al. 2024).
+
+A linear model (no LayerNorm, uniform attention from W_Q = W_K = 0, an MLP whose ReLU never
+clips, SAEs whose encoders never clip) makes attribution patching exact, so node and edge
+effects must equal exact patching, computed here with plain hooks. A nonlinear model (LN,
+GELU, TopK SAEs) checks that integrated gradients converge to the exact effect of patching
+a whole module, that the error nodes make the SAE decomposition exact, and that thresholds
+and aggregation behave as documented.
+"""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import workbench as wb
+from workbench.circuits import ContrastivePairs, Node, find_circuit, logit_diff, upstream, circuit_modules
+from workbench.circuits.modules import join, split
+
+HOOKS = [f"blocks.{l}.{name}" for l in range(2) for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+D_MODEL, D_SAE, POS, VOCAB = 6, 4, 5, 7
+
+
+def _model(linear: bool) -> HookedTransformer:
+    cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_ctx=POS, d_head=3, n_heads=2, d_mlp=8, d_vocab=VOCAB,
+                                  act_fn="relu" if linear else "gelu", normalization_type=None if linear else "LN",
+                                  seed=0)
+    model = HookedTransformer(cfg)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        if linear:
+            for block in model.blocks:
+                block.attn.W_Q.zero_()
+                block.attn.W_K.zero_()  # uniform causal attention: attn_out is linear in the residual
+                block.mlp.b_in.fill_(100.0)  # the ReLU never clips: the MLP is affine
+    model.eval()
+    return model
+
+
+def _sae(linear: bool, seed: int):
+    """Linear: d_sae < d_model, W_dec the pseudo-inverse of W_enc and b_enc large, so f is affine
+    in x and ε (the part of x outside the decoder's span) is a nonzero linear function of x."""
+    sae = wb.sae.create("topk", d_in=D_MODEL, d_sae=D_SAE if linear else 12, k=D_SAE if linear else 3)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
+        if linear:
+            sae.W_dec.copy_(torch.linalg.pinv(sae.W_enc))
+            sae.b_enc.fill_(50.0)
+        else:
+            sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=generator) / 3)
+            sae.b_enc.copy_(torch.randn(sae.b_enc.shape, generator=generator) * 0.1)
+    return sae.eval()
+
+
+def _pairs(n: int = 6) -> ContrastivePairs:
+    generator = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, VOCAB, (n, POS), generator=generator)
+    patch = clean.clone()
+    patch[:, 1] = (clean[:, 1] + 1) % VOCAB
+    patch[:, 3] = (clean[:, 3] + 2) % VOCAB
+    answers = torch.randperm(VOCAB, generator=generator)[:2]
+    return ContrastivePairs(clean, patch, answers[0].repeat(n), answers[1].repeat(n), name="toy")
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return _model(True), {hook: _sae(True, i) for i, hook in enumerate(HOOKS)}, _pairs()
+
+
+@pytest.fixture(scope="module")
+def nonlinear():
+    return _model(False), {hook: _sae(False, i) for i, hook in enumerate(HOOKS)}, _pairs()
+
+
+@torch.no_grad()
+def _metric(model, tokens, pairs, hooks=()):
+    with model.hooks(fwd_hooks=list(hooks)):
+        return float(logit_diff(model(tokens), pairs).mean())
+
+
+@torch.no_grad()
+def _states(model, sae, hook, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=hook)
+    x = cache[hook]
+    f = sae.encode(x.reshape(-1, D_MODEL)).reshape(*x.shape[:2], -1)
+    return x, f, x - (f.reshape(-1, f.shape[-1]) @ sae.W_dec + sae.b_dec).reshape(x.shape)
+
+
+def _patch_feature(sae, hook, feature, value):
+    """A hook that sets one feature of ``hook``'s SAE to ``value`` ([batch, pos]), keeping the rest and ε."""
+    def fn(x, hook=None):
+        f = sae.encode(x.reshape(-1, D_MODEL)).reshape(*x.shape[:2], -1)
+        return x + (value - f[..., feature])[..., None] * sae.W_dec[feature]
+    return (hook, fn)
+
+
+def test_the_error_node_makes_the_decomposition_exact(nonlinear):
+    model, saes, pairs = nonlinear
+    rewritten = [(hook, lambda x, hook: join(saes[hook.name], *split(saes[hook.name], x), x)) for hook in HOOKS]
+    without_error = [(hook, lambda x, hook: join(saes[hook.name], split(saes[hook.name], x)[0], torch.zeros_like(x), x))
+                     for hook in HOOKS]
+    clean = _metric(model, pairs.clean, pairs)
+    assert _metric(model, pairs.clean, pairs, rewritten) == pytest.approx(clean, abs=1e-5)
+    assert abs(_metric(model, pairs.clean, pairs, without_error) - clean) > 1e-2  # the SAEs alone are lossy
+
+
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_node_effects_equal_exact_patching_on_a_linear_model(linear, method):
+    model, saes, pairs = linear
+    circuit = find_circuit(model, saes, pairs, method=method, steps=3, edges=False, progress=False)
+    clean = _metric(model, pairs.clean, pairs)
+    for hook in ("blocks.0.hook_attn_out", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"):
+        _, _, _ = _states(model, saes[hook], hook, pairs.clean)
+        _, f_patch, e_patch = _states(model, saes[hook], hook, pairs.patch)
+        for feature in range(D_SAE):
+            exact = _metric(model, pairs.clean, pairs, [_patch_feature(saes[hook], hook, feature, f_patch[..., feature])]) - clean
+            assert circuit.node_effect(Node(hook, feature, None)) == pytest.approx(exact, abs=1e-4, rel=1e-4)
+        x_c, _, e_c = _states(model, saes[hook], hook, pairs.clean)
+        exact = _metric(model, pairs.clean, pairs, [(hook, lambda x, hook: x + (e_patch - e_c))]) - clean
+        assert circuit.node_effect(Node(hook, None, None)) == pytest.approx(exact, abs=1e-4, rel=1e-4)
+
+
+def test_edge_effects_equal_exact_path_patching_on_a_linear_model(linear):
+    """Edge u -> d: patch u with the other upstream modules of d held at clean (the direct path),
+    read d's new value, then patch d alone to it in the clean run: the change in the metric."""
+    model, saes, pairs = linear
+    circuit = find_circuit(model, saes, pairs, method="atp", node_threshold=0.0, progress=False)
+    clean = _metric(model, pairs.clean, pairs)
+    links = upstream(circuit_modules(saes))
+    down_hook = "blocks.1.hook_resid_post"
+    for up_hook in links[down_hook]:
+        _, f_up_patch, _ = _states(model, saes[up_hook], up_hook, pairs.patch)
+        held = {hook: _states(model, saes[hook], hook, pairs.clean)[0] for hook in links[down_hook] if hook != up_hook}
+        for up_feature in range(D_SAE):
+            recorded = {}
+            hooks = [(h, lambda x, hook, v=v: v) for h, v in held.items()]
+            hooks.append(_patch_feature(saes[up_hook], up_hook, up_feature, f_up_patch[..., up_feature]))
+            hooks.append((down_hook, lambda x, hook: recorded.setdefault("x", x.clone())))
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                model(pairs.clean)
+            f_down = saes[down_hook].encode(recorded["x"].reshape(-1, D_MODEL)).reshape(*recorded["x"].shape[:2], -1)
+            for down_feature in range(D_SAE):
+                exact = _metric(model, pairs.clean, pairs,
+                                [_patch_feature(saes[down_hook], down_hook, down_feature, f_down[..., down_feature])]) - clean
+                edge = circuit.edges[(Node(up_hook, up_feature, None), Node(down_hook, down_feature, None))]
+                assert edge == pytest.approx(exact, abs=1e-4, rel=1e-3), (up_hook, up_feature, down_feature)
+
+
+def test_integrated_gradients_converge_to_the_exact_effect_of_a_module(nonlinear):
+    """IG's completeness: a module's node effects (features + error) sum to the effect of patching
+    the whole module, up to the quadrature error, which shrinks with the steps."""
+    model, saes, pairs = nonlinear
+    clean = _metric(model, pairs.clean, pairs)
+    errors = {}
+    for steps in (1, 4, 32):
+        circuit = find_circuit(model, saes, pairs, method="ig", steps=steps, edges=False, progress=False)
+        errors[steps] = []
+        for hook in ("blocks.0.hook_mlp_out", "blocks.1.hook_attn_out", "blocks.0.hook_resid_post"):
+            x_patch = _states(model, saes[hook], hook, pairs.patch)[0]
+            exact = _metric(model, pairs.clean, pairs, [(hook, lambda x, hook: x_patch)]) - clean
+            total = float(circuit.feature_effects[hook].sum() + circuit.error_effects[hook].sum())
+            errors[steps].append(abs(total - exact) / max(abs(exact), 1e-3))
+    assert max(errors[32]) < 5e-3, errors
+    assert max(errors[32]) < max(errors[1]), errors
+
+
+def test_thresholds_and_aggregation(nonlinear):
+    model, saes, pairs = nonlinear
+    summed = find_circuit(model, saes, pairs, method="atp", node_threshold=0.01, progress=False)
+    per_position = find_circuit(model, saes, pairs, method="atp", node_threshold=0.01, per_position=True, progress=False)
+    for hook in HOOKS:  # per-position effects sum to the aggregated ones
+        assert per_position.feature_effects[hook].shape == (POS, 12)
+        torch.testing.assert_close(per_position.feature_effects[hook].sum(0), summed.feature_effects[hook], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(per_position.error_effects[hook].sum(0), summed.error_effects[hook], atol=1e-6, rtol=1e-5)
+    for threshold in (0.0, 0.01, 0.05):
+        kept = {node for node, _ in summed.nodes(threshold)}
+        every = [Node(h, f, None) for h in HOOKS for f in range(12)] + [Node(h, None, None) for h in HOOKS]
+        assert kept == {node for node in every if abs(summed.node_effect(node)) > threshold}
+        effects = [abs(e) for _, e in summed.nodes(threshold)]
+        assert effects == sorted(effects, reverse=True)
+    assert {n.position for n, _ in per_position.nodes()} <= set(range(POS)) and per_position.nodes()
+    assert all(n.position is not None for n, _ in per_position.nodes())
+    # edges: only among nodes above the threshold they were computed at, filtered by weight
+    kept = {node for node, _ in summed.nodes()}
+    assert summed.edges and all(u in kept and d in kept for u, d in summed.edges)
+    strong = summed.edges_above(0.05, edge_threshold=0.02)
+    assert all(abs(w) > 0.02 and abs(summed.node_effect(u)) > 0.05 and abs(summed.node_effect(d)) > 0.05
+               for u, d, w in strong)
+    assert len(strong) < len(summed.edges_above())
+    # edges run only between consecutive modules (the paper's graph)
+    links = upstream(circuit_modules(saes))
+    assert all(u.hook in links[d.hook] for u, d in summed.edges)
+
+
+def test_bad_input_is_named(nonlinear):
+    model, saes, pairs = nonlinear
+    with pytest.raises(ValueError, match="method must be"):
+        find_circuit(model, saes, pairs, method="exact", progress=False)
+    with pytest.raises(ValueError, match="hook_attn_out"):
+        find_circuit(model, {"blocks.0.hook_resid_pre": saes[HOOKS[0]]}, pairs, progress=False)
+    with pytest.raises(ValueError, match="equal"):
+        ContrastivePairs(pairs.clean, pairs.patch[:, :-1], pairs.clean_answer, pairs.patch_answer)
+    with pytest.raises(ValueError, match="same token"):
+        ContrastivePairs(pairs.clean, pairs.patch, pairs.clean_answer, pairs.clean_answer)
