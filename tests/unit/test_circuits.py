@@ -23,17 +23,18 @@ D_MODEL, D_SAE, POS, VOCAB = 6, 4, 5, 7
 def _model(linear: bool) -> HookedTransformer:
     cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_ctx=POS, d_head=3, n_heads=2, d_mlp=8, d_vocab=VOCAB,
                                   act_fn="relu" if linear else "gelu", normalization_type=None if linear else "LN",
-                                  seed=0)
+                                  seed=0, dtype=torch.float64 if linear else torch.float32)
     model = HookedTransformer(cfg)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.5)
         if linear:
             for block in model.blocks:
                 block.attn.W_Q.zero_()
                 block.attn.W_K.zero_()  # uniform causal attention: attn_out is linear in the residual
                 block.mlp.b_in.fill_(100.0)  # the ReLU never clips: the MLP is affine
+                block.mlp.b_out.sub_(block.mlp.b_in @ block.mlp.W_out)  # ... and its output stays small
     model.eval()
     return model
 
@@ -51,7 +52,9 @@ def _sae(linear: bool, seed: int):
         else:
             sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=generator) / 3)
             sae.b_enc.copy_(torch.randn(sae.b_enc.shape, generator=generator) * 0.1)
-    return sae.eval()
+    # float64 for the linear model: its large biases (ReLU and encoder kept from clipping)
+    # would otherwise cost float32 ~1e-4 of cancellation, the size of the tolerances below.
+    return (sae.double() if linear else sae).eval()
 
 
 def _pairs(n: int = 6) -> ContrastivePairs:
@@ -66,7 +69,15 @@ def _pairs(n: int = 6) -> ContrastivePairs:
 
 @pytest.fixture(scope="module")
 def linear():
-    return _model(True), {hook: _sae(True, i) for i, hook in enumerate(HOOKS)}, _pairs()
+    model, saes, pairs = _model(True), {hook: _sae(True, i) for i, hook in enumerate(HOOKS)}, _pairs()
+    with torch.no_grad():  # the premise of exactness: no encoder and no ReLU clips
+        for tokens in (pairs.clean, pairs.patch):
+            _, cache = model.run_with_cache(tokens)
+            for hook in HOOKS:
+                assert float(saes[hook].encode(cache[hook].reshape(-1, D_MODEL)).min()) > 0, hook
+            for layer in range(2):
+                assert float(cache[f"blocks.{layer}.mlp.hook_pre"].min()) > 0
+    return model, saes, pairs
 
 
 @pytest.fixture(scope="module")

@@ -109,8 +109,8 @@ def find_circuit(model, saes: dict, pairs: ContrastivePairs, metric=logit_diff, 
         batches = list(pairs.batches(batch_size))
         bar = tqdm(total=len(batches) * (2 if edges else 1), desc=f"circuit ({method}): nodes, then edges",
                    unit="batch", disable=not progress)
-        sums_f = {h: torch.zeros(pairs.positions, saes[h].cfg.d_sae) for h in hooks}
-        sums_e = {h: torch.zeros(pairs.positions) for h in hooks}
+        sums_f = {h: torch.zeros(pairs.positions, saes[h].cfg.d_sae, dtype=torch.float64) for h in hooks}
+        sums_e = {h: torch.zeros(pairs.positions, dtype=torch.float64) for h in hooks}
         metric_clean = metric_patch = 0.0
         for batch in batches:
             grads = node_gradients(model, saes, batch, metric, method, steps)
