@@ -74,14 +74,17 @@ def logit_diff(logits: Tensor, pairs: ContrastivePairs) -> Tensor:
 
 @torch.no_grad()
 def task_performance(model, pairs: ContrastivePairs, batch_size: int = 64) -> dict:
-    """How well the model solves the task: accuracy (the clean answer beats the patch answer
-    on the clean prompt, and the patch answer beats it on the patch prompt; both must hold)
-    and the mean logit difference on each side."""
+    """How well the model solves the task. ``accuracy``: the fraction of the 2n prompts on
+    which the answer the prompt calls for beats the other one (clean prompts: clean answer;
+    patch prompts: patch answer); ``both_correct``: pairs right on both sides; and the mean
+    logit difference logit(clean answer) − logit(patch answer) on each side."""
     clean, patch = [], []
     for batch in pairs.batches(batch_size):
         clean.append(logit_diff(model(batch.clean.to(model.cfg.device)), batch).cpu())
         patch.append(logit_diff(model(batch.patch.to(model.cfg.device)), batch).cpu())
     clean, patch = torch.cat(clean), torch.cat(patch)
-    return {"pairs": len(pairs), "accuracy": float(((clean > 0) & (patch < 0)).float().mean()),
-            "clean_accuracy": float((clean > 0).float().mean()), "logit_diff_clean": float(clean.mean()),
+    right_clean, right_patch = (clean > 0).float(), (patch < 0).float()
+    return {"pairs": len(pairs), "accuracy": float((right_clean.mean() + right_patch.mean()) / 2),
+            "clean_accuracy": float(right_clean.mean()), "patch_accuracy": float(right_patch.mean()),
+            "both_correct": float((right_clean * right_patch).mean()), "logit_diff_clean": float(clean.mean()),
             "logit_diff_patch": float(patch.mean())}
