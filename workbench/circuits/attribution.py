@@ -19,7 +19,8 @@ Edge u → d between consecutive modules (``modules.upstream``): ∂m/∂d · �
 upstream modules held as leaves so that the edge is direct (the paper's stop-gradients: a
 path through another module of the graph is that module's edge, not this one's). ∂m/∂d is
 the node gradient of the chosen method; ∂d/∂u is taken at the clean input (the paper's
-linear edge approximation). One backward per downstream node kept, per batch.
+linear edge approximation). One vectorised backward (``is_grads_batched``) per chunk of
+downstream nodes, per batch.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def _ig_gradients(model, sae, hook, tokens, pairs, metric, clean, patch, steps):
 
 
 def edge_effects(model, saes: dict, pairs: ContrastivePairs, gradients: NodeGradients,
-                 down_nodes: dict[str, list[tuple[int | None, int | None]]], per_position: bool) -> dict:
+                 down_nodes: dict[str, list[tuple[int | None, int | None]]], per_position: bool,
+                 node_chunk: int = 32) -> dict:
     """Direct edges into the given downstream nodes, summed over this batch's pairs.
 
     ``down_nodes[hook]`` lists nodes as (feature, position): feature None is the error node,
@@ -169,20 +171,29 @@ def edge_effects(model, saes: dict, pairs: ContrastivePairs, gradients: NodeGrad
             except _Stop:
                 pass
         g_f, g_e = gradients.grads[down]
-        for feature, position in nodes:
-            where = slice(None) if position is None else slice(position, position + 1)
-            if feature is None:
-                target = (g_e[:, where] * computed["eps"][:, where]).sum()
-            else:
-                target = (g_f[:, where, feature] * computed["f"][:, where, feature]).sum()
-            flat = [t for hook in ups for t in leaves[hook]]
-            grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
-            weights = {}
-            for i, hook in enumerate(ups):
-                (f_c, e_c), (f_p, e_p) = gradients.clean[hook], gradients.patch[hook]
-                gf, ge = grads[2 * i], grads[2 * i + 1]
-                wf = (gf * (f_p - f_c)).sum(0) if gf is not None else torch.zeros_like(f_c[0])
-                we = (ge * (e_p - e_c)).sum((0, -1)) if ge is not None else torch.zeros_like(e_c[0, :, 0])
-                weights[hook] = (wf, we) if per_position else (wf.sum(0), we.sum())
-            edges[(down, (feature, position))] = weights
+        flat = [t for hook in ups for t in leaves[hook]]
+        # One vectorised backward per chunk of downstream nodes (is_grads_batched): node j's
+        # target is Σ g·value over its feature (or error) and positions, so its grad_output is
+        # the node gradient masked to that node.
+        for start in range(0, len(nodes), node_chunk):
+            chunk = nodes[start:start + node_chunk]
+            v_f = torch.zeros((len(chunk),) + tuple(g_f.shape), dtype=g_f.dtype, device=g_f.device)
+            v_e = torch.zeros((len(chunk),) + tuple(g_e.shape), dtype=g_e.dtype, device=g_e.device)
+            for j, (feature, position) in enumerate(chunk):
+                where = slice(None) if position is None else slice(position, position + 1)
+                if feature is None:
+                    v_e[j, :, where] = g_e[:, where]
+                else:
+                    v_f[j, :, where, feature] = g_f[:, where, feature]
+            grads = torch.autograd.grad([computed["f"], computed["eps"]], flat, grad_outputs=[v_f, v_e],
+                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
+            for j, (feature, position) in enumerate(chunk):
+                weights = {}
+                for i, hook in enumerate(ups):
+                    (f_c, e_c), (f_p, e_p) = gradients.clean[hook], gradients.patch[hook]
+                    gf, ge = grads[2 * i], grads[2 * i + 1]
+                    wf = (gf[j] * (f_p - f_c)).sum(0) if gf is not None else torch.zeros_like(f_c[0])
+                    we = (ge[j] * (e_p - e_c)).sum((0, -1)) if ge is not None else torch.zeros_like(e_c[0, :, 0])
+                    weights[hook] = (wf, we) if per_position else (wf.sum(0), we.sum())
+                edges[(down, (feature, position))] = weights
     return edges

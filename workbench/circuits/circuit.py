@@ -16,9 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..evals import evaluating
 from .attribution import _check, edge_effects, node_gradients
-from .modules import circuit_modules
+from .modules import circuit_modules, evaluating_all
 from .pairs import ContrastivePairs, logit_diff
 
 
@@ -102,18 +101,18 @@ def find_circuit(model, saes: dict, pairs: ContrastivePairs, metric=logit_diff, 
     _check(model, saes, pairs, method, steps)
     modules = circuit_modules(saes)
     hooks = [m.hook for m in modules]
-    contexts = [evaluating(sae) for sae in saes.values()]
-    for context in contexts:
-        context.__enter__()
-    try:
+    with evaluating_all(saes):
         batches = list(pairs.batches(batch_size))
         bar = tqdm(total=len(batches) * (2 if edges else 1), desc=f"circuit ({method}): nodes, then edges",
                    unit="batch", disable=not progress)
         sums_f = {h: torch.zeros(pairs.positions, saes[h].cfg.d_sae, dtype=torch.float64) for h in hooks}
         sums_e = {h: torch.zeros(pairs.positions, dtype=torch.float64) for h in hooks}
         metric_clean = metric_patch = 0.0
+        kept_grads, kept_bytes = [], 0  # reused by the edge pass while they fit the budget
         for batch in batches:
             grads = node_gradients(model, saes, batch, metric, method, steps)
+            kept_bytes += _nbytes(grads)
+            kept_grads.append(grads if kept_bytes <= REUSE_BYTES else None)
             for h in hooks:
                 effect_f, effect_e = grads.effects(h)
                 sums_f[h] += effect_f.sum(0).detach().cpu()
@@ -128,23 +127,28 @@ def find_circuit(model, saes: dict, pairs: ContrastivePairs, metric=logit_diff, 
                           node_threshold=float(node_threshold), metric_clean=metric_clean / n,
                           metric_patch=metric_patch / n)
         if edges:
-            circuit.edges = _edges(model, saes, batches, metric, method, steps, circuit, bar)
+            circuit.edges = _edges(model, saes, batches, kept_grads, metric, method, steps, circuit, bar)
         bar.close()
         return circuit
-    finally:
-        for context in contexts:
-            context.__exit__(None, None, None)
 
 
-def _edges(model, saes, batches, metric, method, steps, circuit: Circuit, bar) -> dict:
+REUSE_BYTES = 1 << 30  # node gradients kept for the edge pass (recomputed beyond this)
+
+
+def _nbytes(grads) -> int:
+    return sum(t.numel() * t.element_size() for part in (grads.clean, grads.patch, grads.grads)
+               for pair in part.values() for t in pair)
+
+
+def _edges(model, saes, batches, kept_grads, metric, method, steps, circuit: Circuit, bar) -> dict:
     kept = [node for node, _ in circuit.nodes()]
     down_nodes = {h: [(node.feature, node.position) for node in kept if node.hook == h] for h in circuit.hooks}
     kept_up = {}
     for node in kept:
         kept_up.setdefault(node.hook, []).append(node)
     totals: dict[tuple[Node, Node], float] = {}
-    for batch in batches:
-        grads = node_gradients(model, saes, batch, metric, method, steps)
+    for batch, grads in zip(batches, kept_grads):
+        grads = grads or node_gradients(model, saes, batch, metric, method, steps)
         for (down_hook, (feature, position)), weights in edge_effects(model, saes, batch, grads, down_nodes,
                                                                        circuit.per_position).items():
             down = Node(down_hook, feature, position)

@@ -16,10 +16,13 @@ the embeddings contribute reaches the graph through layer 0's features and error
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..evals import evaluating
 
 KINDS = {"hook_attn_out": "attn", "hook_mlp_out": "mlp", "hook_resid_post": "resid"}
 ORDER = {"attn": 0, "mlp": 1, "resid": 2}
@@ -87,3 +90,11 @@ def module_states(model, saes: dict, tokens: Tensor) -> tuple[Tensor, dict[str, 
     with model.hooks(fwd_hooks=[(hook, record) for hook in saes]):
         logits = model(tokens)
     return logits, states
+
+
+def evaluating_all(saes: dict) -> ExitStack:
+    """``evaluating`` for every SAE of a circuit at once (eval mode, restored afterwards)."""
+    stack = ExitStack()
+    for sae in saes.values():
+        stack.enter_context(evaluating(sae))
+    return stack
