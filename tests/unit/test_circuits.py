@@ -8,6 +8,8 @@ a whole module, that the error nodes make the SAE decomposition exact, and that 
 and aggregation behave as documented.
 """
 
+import json
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -15,6 +17,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import workbench as wb
 from workbench.circuits import ContrastivePairs, Node, find_circuit, logit_diff, upstream, circuit_modules
 from workbench.circuits.modules import join, split
+from workbench.circuits.validation import clean_means, faithfulness_curve, patching_check
+from workbench.widgets.circuit_viewer import circuit_graph
 
 HOOKS = [f"blocks.{l}.{name}" for l in range(2) for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
 D_MODEL, D_SAE, POS, VOCAB = 6, 4, 5, 7
@@ -215,3 +219,69 @@ def test_bad_input_is_named(nonlinear):
         ContrastivePairs(pairs.clean, pairs.patch[:, :-1], pairs.clean_answer, pairs.patch_answer)
     with pytest.raises(ValueError, match="same token"):
         ContrastivePairs(pairs.clean, pairs.patch, pairs.clean_answer, pairs.clean_answer)
+
+
+def test_faithfulness_runs_from_the_empty_to_the_full_circuit(nonlinear):
+    """F(C) = (m(C) − m(∅)) / (m(M) − m(∅)): keeping every node gives 1 and completeness 0;
+    keeping none gives 0 and completeness 1; m(M) is the model itself (error nodes kept)."""
+    model, saes, pairs = nonlinear
+    circuit = find_circuit(model, saes, pairs, method="atp", edges=False, progress=False)
+    every, none, middle = -1.0, float("inf"), 0.05
+    rows = faithfulness_curve(model, saes, pairs, circuit, [every, middle, none], progress=False)
+    assert rows[0]["metric_full"] == pytest.approx(_metric(model, pairs.clean, pairs), abs=1e-4)
+    assert rows[0]["faithfulness"] == pytest.approx(1.0, abs=1e-4) and rows[0]["completeness"] == pytest.approx(0.0, abs=1e-4)
+    assert rows[2]["faithfulness"] == pytest.approx(0.0, abs=1e-4) and rows[2]["completeness"] == pytest.approx(1.0, abs=1e-4)
+    assert rows[0]["nodes"] == len(HOOKS) * 13 and rows[2]["nodes"] == 0
+    assert 0 < rows[1]["nodes"] < rows[0]["nodes"]
+    # m(∅) is the metric with every node at its clean mean: the same for every pair's prompt
+    means = clean_means(model, saes, pairs)
+    for hook in HOOKS:
+        assert means[hook][0].shape == (POS, 12) and means[hook][1].shape == (POS, D_MODEL)
+
+
+def test_exact_patching_matches_attribution_patching_on_a_linear_model(linear):
+    model, saes, pairs = linear
+    check = patching_check(model, saes, pairs, per_module=4, steps=2, progress=False)
+    assert set(check.correlation) == {"attn", "mlp", "resid"}
+    for row in check.rows:  # linear model: AtP and IG are exact, so both equal exact patching
+        assert row["atp"] == pytest.approx(row["exact"], abs=1e-6, rel=1e-6)
+        assert row["ig"] == pytest.approx(row["exact"], abs=1e-6, rel=1e-6)
+    assert all(r["atp"] > 0.999999 and r["ig"] > 0.999999 for r in check.correlation.values())
+    assert sum(row["node"].feature is None for row in check.rows) == len(HOOKS)  # each error node checked
+    assert "| attn |" in check.table()
+
+
+def test_circuit_graph_shows_what_the_thresholds_keep(nonlinear):
+    model, saes, pairs = nonlinear
+    circuit = find_circuit(model, saes, pairs, method="atp", node_threshold=0.01, progress=False)
+    for node_threshold, edge_threshold in ((0.01, 0.0), (0.05, 0.01), (0.2, 0.05)):
+        graph = circuit_graph(circuit, node_threshold, edge_threshold, max_per_row=5)
+        json.dumps(graph)  # what is synced must be plain JSON
+        ids = [n["id"] for n in graph["nodes"]]
+        assert len(ids) == len(set(ids))
+        expected = circuit.nodes(node_threshold)
+        for hook in HOOKS:
+            row = [n for n in graph["nodes"] if n["hook"] == hook]
+            kept = [node for node, _ in expected if node.hook == hook]
+            assert len(row) == min(5, len(kept))  # the largest |effect| first, at most 5 per module
+            assert [n["effect"] for n in row] == pytest.approx([circuit.node_effect(node) for node in kept[:5]])
+        assert all(abs(n["effect"]) > node_threshold for n in graph["nodes"])
+        assert all(set((e["source"], e["target"])) <= set(ids) and abs(e["weight"]) > edge_threshold
+                   for e in graph["edges"])
+        assert {n["kind"] for n in graph["nodes"]} <= {"feature", "error"}
+    assert len(circuit_graph(circuit, 0.2)["nodes"]) < len(circuit_graph(circuit, 0.01)["nodes"])
+
+
+def test_circuit_viewer_refilters_without_recomputing_and_exports(nonlinear, tmp_path, monkeypatch):
+    model, saes, pairs = nonlinear
+    circuit = find_circuit(model, saes, pairs, method="atp", node_threshold=0.01, progress=False)
+    viewer = wb.CircuitViewer(circuit, model=model, tokens=["<img src=x onerror=alert(1)>"] * POS)
+    shown = len(viewer.graph["nodes"])
+    viewer.set_thresholds(node=0.2)
+    assert len(viewer.graph["nodes"]) < shown
+    assert viewer.graph == circuit_graph(circuit, viewer.node_slider.value, viewer.edge_slider.value)
+    error = next(n for n in circuit_graph(circuit, 0.0)["nodes"] if n["kind"] == "error")
+    assert viewer.select(error["id"]) is None and "error node" in viewer.status.value
+    monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path))
+    saved = viewer.export("toy_circuit")
+    assert {p.suffix for p in saved} == {".pdf", ".svg", ".png"} and all(p.stat().st_size > 1000 for p in saved)

@@ -8,15 +8,18 @@
   a precomputed ``workbench.sparsity.explore.SparsityGrid``; no model run per move;
 - ``FeatureBrowser`` (feature_browser.py): one SAE feature's dashboard from a feature index
   (``workbench.features``), found by id, by search or on typed text; steering; export;
+- ``CircuitViewer`` (circuit_viewer.py): a sparse feature circuit (``workbench.circuits``) as
+  a layered graph with threshold sliders; hover a feature for its tokens, click to browse it;
 
-Token sequences are drawn by one anywidget ES module shipped here (tokens.js: no CDN, every
-string set as text, never as HTML).
+Token sequences are drawn by one anywidget ES module shipped here (tokens.js), circuits by
+another (circuit.js): no CDN, every string set as text, never as HTML.
 """
 
+from .circuit_viewer import CircuitViewer, circuit_graph, plot_circuit
 from .feature_browser import FeatureBrowser, feature_data, prompt_features, search_features
 from .activation_viewer import ActivationViewer, context_activations, row_top_neurons, top_activating_rows
 from .sparsity_explorer import SparsityExplorer
 from .token_view import TokenView, token_view_data
 
-__all__ = ["ActivationViewer", "FeatureBrowser", "feature_data", "prompt_features", "search_features", "SparsityExplorer", "TokenView", "context_activations", "row_top_neurons", "token_view_data",
+__all__ = ["ActivationViewer", "CircuitViewer", "circuit_graph", "plot_circuit", "FeatureBrowser", "feature_data", "prompt_features", "search_features", "SparsityExplorer", "TokenView", "context_activations", "row_top_neurons", "token_view_data",
            "top_activating_rows"]
