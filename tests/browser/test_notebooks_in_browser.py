@@ -38,7 +38,7 @@ def _code(source: str) -> str:
 
 
 def test_there_are_notebooks():
-    assert len(ALL_NOTEBOOKS) >= 5, f"expected notebooks 01..05 under {NOTEBOOKS_DIR}, found {ALL_NOTEBOOKS}"
+    assert len(ALL_NOTEBOOKS) >= 6, f"expected notebooks 01..06 under {NOTEBOOKS_DIR}, found {ALL_NOTEBOOKS}"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -162,4 +162,32 @@ def _feature_browser(lab) -> None:
     assert record["p95_s"] < 2.0, record  # a loose bound for a loaded CI machine; the benchmark reports the numbers
 
 
-INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer, "05": _feature_browser}
+def _circuit_viewer(lab) -> None:
+    """Notebook 06: the graph is drawn; raising the node threshold in the slider's readout
+    re-filters it; hovering a feature node shows its tokens; clicking it opens that feature
+    in the feature browser below; export writes the figure."""
+    summary = ".wb-circuit .wb-circuit-summary"
+    lab.wait_for(".wb-circuit .wb-circuit-node[data-kind='feature']")
+    before = lab.locator(".wb-circuit .wb-circuit-node").count()
+    readout = lab.locator(".wb-circuit-node-threshold .widget-readout")
+    readout.click()
+    lab.page.keyboard.press("Control+A")
+    lab.page.keyboard.type("1.2")
+    lab.page.keyboard.press("Enter")
+    lab.wait_for_text(summary, "> 1.2", timeout_s=60)
+    after = lab.locator(".wb-circuit .wb-circuit-node").count()
+    assert 0 < after < before, (before, after)
+    node = lab.locator(".wb-circuit .wb-circuit-node[data-kind='feature']").first
+    feature = node.get_attribute("data-node").split("|")[1]
+    node.hover()
+    lab.wait_for_text(".wb-circuit-tooltip", "fires on", timeout_s=30)
+    assert f"feature {feature} of" in lab.text(".wb-circuit-tooltip")
+    node.click()
+    lab.wait_for_text(".wb-circuit-browser .wb-feature-header", f"feature {feature} of", timeout_s=60)
+    lab.wait_for(".wb-circuit-browser .wb-feature-contexts .wb-context .wb-token.wb-marked")
+    lab.click("button.wb-circuit-export, .wb-circuit-export button")
+    lab.wait_for_text(".wb-circuit-status", "saved", timeout_s=60)
+
+
+INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer, "05": _feature_browser,
+                "06": _circuit_viewer}

@@ -21,7 +21,7 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "no notebooks found under notebooks/"
 
 
-IN_BROWSER = ("01", "02", "03", "04", "05")  # the notebooks tests/browser runs in Chromium
+IN_BROWSER = ("01", "02", "03", "04", "05", "06")  # the notebooks tests/browser runs in Chromium
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -60,6 +60,15 @@ class ContrastivePairs:
         for start in range(0, len(self), batch_size):
             yield self.subset(range(start, min(start + batch_size, len(self))))
 
+    def position_labels(self, tokenizer) -> list[str]:
+        """A label per position for figures: the first pair's clean token, or "clean/patch"
+        where the pair differs (for templated pairs: the slot that changes)."""
+        labels = []
+        for c, p in zip(self.clean[0].tolist(), self.patch[0].tolist()):
+            clean, patch = tokenizer.decode([c]), tokenizer.decode([p])
+            labels.append(clean if c == p else f"{clean}/{patch}")
+        return labels
+
     def to(self, device) -> "ContrastivePairs":
         return ContrastivePairs(self.clean.to(device), self.patch.to(device), self.clean_answer.to(device),
                                 self.patch_answer.to(device), self.name, self.description, self.texts)
