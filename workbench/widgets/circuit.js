@@ -2,8 +2,8 @@
 // (workbench/widgets/circuit_viewer.py). Shipped in the package: no CDN, no network.
 //
 // Synced trait `graph` (circuit_graph in circuit_viewer.py):
-//   {rows: [module], columns, per_position, tokens: [str], summary,
-//    nodes: [{id, row, position, rank, kind: "feature"|"error", label, effect, info: [str], more?}],
+//   {rows: [module], width (in node units), column_centres, per_position, tokens: [str], summary,
+//    nodes: [{id, x, row, position, rank, kind: "feature"|"error", label, effect, info: [str], more?}],
 //    edges: [{source, target, weight}], max_effect, max_weight}
 // Rows run bottom (first module) to top (last), as in Marks et al. 2024. Every string from the
 // kernel (token text, labels) is set with textContent: markup in a token stays text.
@@ -42,22 +42,11 @@ function draw(root, model) {
   const rows = g.rows || [], nodes = g.nodes || [], edges = g.edges || [];
   root.replaceChildren();
   root.appendChild(div("wb-circuit-summary", g.summary || ""));
-  const columns = Math.max(1, num(g.columns, 1));
-  const cellW = g.per_position ? 86 : 58, cellH = 62, left = 64, bottom = g.per_position ? 34 : 12, top = 14;
-  const width = left + columns * cellW + 12, height = top + rows.length * cellH + bottom;
+  const unit = 34, cellH = 62, left = 64, bottom = g.per_position ? 34 : 12, top = 14;
+  const width = left + Math.max(1, num(g.width, 1)) * unit + 12, height = top + rows.length * cellH + bottom;
   const svg = el("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" }, "wb-circuit-svg");
   const yOf = (row) => top + (rows.length - 1 - row) * cellH + cellH / 2;
-  const perCell = new Map();
-  for (const n of nodes) {
-    const key = `${n.row}|${n.position}`;
-    perCell.set(key, (perCell.get(key) || 0) + 1);
-  }
-  const xOf = (n) => {
-    if (!g.per_position) return left + num(n.rank, 0) * cellW + cellW / 2;
-    const count = perCell.get(`${n.row}|${n.position}`) || 1;
-    const offset = count > 1 ? ((num(n.rank, 0) + 0.5) / count - 0.5) * (cellW - 10) : 0;
-    return left + num(n.position, 0) * cellW + cellW / 2 + offset;
-  };
+  const xOf = (n) => left + num(n.x, 0) * unit;
   // Module rows and their labels; position labels (tokens) along the bottom.
   rows.forEach((name, row) => {
     const y = yOf(row);
@@ -66,8 +55,9 @@ function draw(root, model) {
     label.textContent = name;
     svg.appendChild(label);
   });
+  const centres = g.column_centres || [];
   (g.tokens || []).forEach((token, p) => {
-    const t = el("text", { x: left + p * cellW + cellW / 2, y: height - 10, "text-anchor": "middle", "font-size": 11 },
+    const t = el("text", { x: left + num(centres[p], p) * unit, y: height - 10, "text-anchor": "middle", "font-size": 11 },
       "wb-circuit-token");
     t.textContent = visible(token);
     svg.appendChild(t);
@@ -91,7 +81,7 @@ function draw(root, model) {
   for (const n of nodes) {
     const [x, y] = centre.get(n.id);
     const share = Math.abs(num(n.effect, 0)) / maxE;
-    const r = 5 + 15 * Math.sqrt(share);
+    const r = 4 + 12 * Math.sqrt(share); // < unit / 2: neighbours never overlap
     const fill = num(n.effect, 0) > 0 ? BLUE : VERMILLION;
     const group = el("g", { transform: `translate(${x.toFixed(1)},${y.toFixed(1)})` }, "wb-circuit-node");
     group.dataset.node = n.id;

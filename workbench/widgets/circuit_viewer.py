@@ -87,11 +87,11 @@ def circuit_graph(circuit, node_threshold: float | None = None, edge_threshold: 
             nodes[-1]["more"] = hidden
     edges = [{"source": _node_id(u), "target": _node_id(d), "weight": float(w)}
              for u, d, w in circuit.edges_above(threshold, edge_threshold) if u in shown and d in shown]
-    columns = circuit.feature_effects[circuit.hooks[0]].shape[0] if circuit.per_position else \
-        max([n["rank"] for n in nodes], default=-1) + 1
+    positions = circuit.feature_effects[circuit.hooks[0]].shape[0] if circuit.per_position else 0
+    column_centres, width = _place(nodes, circuit.per_position, positions)
     finite = [abs(n["effect"]) for n in nodes if math.isfinite(n["effect"])]
     weights = [abs(e["weight"]) for e in edges]
-    return {"rows": rows, "columns": int(columns), "per_position": circuit.per_position,
+    return {"rows": rows, "width": width, "column_centres": column_centres, "per_position": circuit.per_position,
             "tokens": list(tokens or []) if circuit.per_position else [], "nodes": nodes, "edges": edges,
             "max_effect": max(finite, default=1.0), "max_weight": max(weights, default=1.0),
             "node_threshold": threshold, "edge_threshold": float(edge_threshold),
@@ -100,22 +100,23 @@ def circuit_graph(circuit, node_threshold: float | None = None, edge_threshold: 
                        f"{circuit.metric_patch:.2f} patch; {circuit.method}, {circuit.n_pairs} pairs"}
 
 
-def layout(graph: dict) -> dict[str, tuple[float, float]]:
-    """Node centres in graph units: x = column (position or rank), y = row (module);
-    a per-position cell with several nodes spreads them inside the column."""
-    per_cell: dict[tuple, int] = {}
-    for n in graph["nodes"]:
-        key = (n["row"], n["position"])
-        per_cell[key] = per_cell.get(key, 0) + 1
-    centres = {}
-    for n in graph["nodes"]:
-        if graph["per_position"]:
-            count = per_cell[(n["row"], n["position"])]
-            x = n["position"] + (n["rank"] + 0.5) / count - 0.5 if count > 1 else n["position"]
-        else:
-            x = n["rank"]
-        centres[n["id"]] = (float(x), float(n["row"]))
-    return centres
+def _place(nodes: list[dict], per_position: bool, positions: int) -> tuple[list[float], float]:
+    """Give each node x (one unit per node) and y (its row). Per position, a column is as wide
+    as its fullest module, so nodes of one cell sit side by side without overlapping (the
+    paper's layout); returns the columns' centres and the total width."""
+    if not per_position:
+        for n in nodes:
+            n["x"], n["y"] = float(n["rank"]), float(n["row"])
+        return [], float(max([n["rank"] for n in nodes], default=0) + 1)
+    widths = [1] * positions
+    for n in nodes:
+        widths[n["position"]] = max(widths[n["position"]], n["rank"] + 1)
+    starts = [sum(widths[:p]) for p in range(positions)]
+    for n in nodes:
+        count = sum(1 for m in nodes if m["row"] == n["row"] and m["position"] == n["position"])
+        n["x"] = starts[n["position"]] + (widths[n["position"]] - count) / 2 + n["rank"] + 0.5
+        n["y"] = float(n["row"])
+    return [starts[p] + widths[p] / 2 for p in range(positions)], float(sum(widths))
 
 
 BLUE, VERMILLION, GREY = "#0072B2", "#D55E00", "#7f7f7f"  # Okabe–Ito
@@ -127,9 +128,9 @@ def plot_circuit(graph: dict, width: str | float = "double"):
 
     from ..figures import paper_figure
 
-    rows = len(graph["rows"])
-    fig, ax = paper_figure(width, aspect=min(1.2, 0.12 * rows + 0.15))
-    centres = layout(graph)
+    rows, units = len(graph["rows"]), max(graph["width"], 1.0)
+    fig, ax = paper_figure(width, aspect=min(1.4, max(0.35, (rows + 1) / (units + 2))))
+    centres = {n["id"]: (n["x"], n["y"]) for n in graph["nodes"]}
     for e in graph["edges"]:
         (x0, y0), (x1, y1) = centres[e["source"]], centres[e["target"]]
         ax.plot([x0, x1], [y0, y1], color=BLUE if e["weight"] > 0 else VERMILLION, alpha=0.5, zorder=1,
@@ -137,7 +138,7 @@ def plot_circuit(graph: dict, width: str | float = "double"):
     for n in graph["nodes"]:
         x, y = centres[n["id"]]
         share = abs(n["effect"]) / graph["max_effect"]
-        r = 0.12 + 0.28 * math.sqrt(share)
+        r = 0.12 + 0.3 * math.sqrt(share)  # < 0.5: neighbours one unit apart never overlap
         colour = BLUE if n["effect"] > 0 else VERMILLION
         if n["kind"] == "error":
             patch = Rectangle((x - r, y - r), 2 * r, 2 * r, facecolor=colour, alpha=0.25 + 0.75 * share,
@@ -147,16 +148,15 @@ def plot_circuit(graph: dict, width: str | float = "double"):
                            zorder=2)
         ax.add_patch(patch)
         ax.text(x, y, n["label"], ha="center", va="center", fontsize=4.5, zorder=3)
-    columns = max(graph["columns"], 1)
-    ax.set_xlim(-0.7, columns - 0.3)
+    ax.set_xlim(-0.2, units + 0.2)
     ax.set_ylim(-0.7, rows - 0.3)
     ax.set_yticks(range(rows), graph["rows"])
     if graph["per_position"] and graph["tokens"]:
-        ax.set_xticks(range(len(graph["tokens"])), [_visible(t) for t in graph["tokens"]], rotation=0)
+        ax.set_xticks(graph["column_centres"], [_visible(t) for t in graph["tokens"]], rotation=30, ha="right")
     else:
         ax.set_xticks([])
         ax.set_xlabel("nodes by |effect| (largest left)")
-    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_aspect("equal", adjustable="box")
     ax.spines[["top", "right", "bottom"]].set_visible(False)
     ax.set_title(graph["summary"].split(";")[0], fontsize=7)
     return fig
