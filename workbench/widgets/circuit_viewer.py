@@ -108,7 +108,7 @@ def _place(nodes: list[dict], per_position: bool, positions: int) -> tuple[list[
         for n in nodes:
             n["x"], n["y"] = float(n["rank"]), float(n["row"])
         return [], float(max([n["rank"] for n in nodes], default=0) + 1)
-    widths = [1] * positions
+    widths = [2] * positions  # room for the position's token label
     for n in nodes:
         widths[n["position"]] = max(widths[n["position"]], n["rank"] + 1)
     starts = [sum(widths[:p]) for p in range(positions)]
