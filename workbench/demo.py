@@ -111,6 +111,39 @@ def _feature_stage(model, out_dir) -> dict:
     return {"feature": feature, "feature_density": data["stats"]["density"]}
 
 
+def _circuit_stage(model, out_dir) -> dict:
+    """One built-in task, its sparse feature circuit through the 12 shipped SAEs of the default
+    model, faithfulness on held-out pairs, and a figure of the graph (notebook 06 does more)."""
+    import matplotlib.pyplot as plt
+
+    import workbench as wb
+    from workbench.widgets import circuit_graph, plot_circuit
+
+    started = time.perf_counter()
+    hooks = [f"blocks.{layer}.{name}" for layer in range(model.cfg.n_layers)
+             for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+    saes = {hook: wb.load_sae(f"{wb.DEFAULT_MODEL}/{hook}/topk-2048") for hook in hooks}
+    n = 16 if quick_mode() else 64
+    pairs = wb.circuits.task_pairs("brackets", model, n=2 * n)
+    found_on, held_out = pairs.subset(range(n)), pairs.subset(range(n, 2 * n))
+    performance = wb.circuits.task_performance(model, pairs)
+    _say("circuit", f"task 'brackets' ({pairs.description}): {len(pairs)} pairs, accuracy {performance['accuracy']:.1%}, "
+         f"logit difference {performance['logit_diff_clean']:+.2f} clean / {performance['logit_diff_patch']:+.2f} patch")
+    circuit = wb.circuits.find_circuit(model, saes, found_on, method="ig", steps=4 if quick_mode() else 10,
+                                       node_threshold=0.1, progress=False)
+    _say("circuit", circuit.summary())
+    curve = wb.circuits.faithfulness_curve(model, saes, held_out, circuit, [0.02, 0.05, 0.1], progress=False)
+    for row in curve:
+        _say("circuit", f"|effect| > {row['threshold']:g}: {row['nodes']} nodes keep {row['faithfulness']:.1%} of the "
+             f"metric on {len(held_out)} held-out pairs (everything else mean-ablated); ablating them leaves "
+             f"{row['completeness']:.1%}")
+    fig = plot_circuit(circuit_graph(circuit, 0.4, 0.02))
+    paths = wb.figures.save_figure(fig, "demo_circuit", out_dir=out_dir)
+    plt.close(fig)
+    _say("figure", f"wrote {', '.join(map(str, paths))}; circuit stage {time.perf_counter() - started:.1f} s")
+    return {"circuit_faithfulness": curve}
+
+
 def _sparsity_stage(out_dir) -> dict:
     """Activation sparsity of the three zoo models: lazy neurons, PPL-1%, two methods' curves,
     and ProSparse on the default model (the full study: ``python -m workbench sparsity``)."""
@@ -180,6 +213,7 @@ def run_demo(out_dir: str | Path | None = None) -> dict:
     results.update(_cache_stage(model, wb.DEFAULT_MODEL))
     results.update(_sae_stage(model, results["cache_path"], results["hook"], out_dir))
     results.update(_feature_stage(model, out_dir))
+    results.update(_circuit_stage(model, out_dir))
     results.update(_sparsity_stage(out_dir))
 
     results["seconds"] = time.perf_counter() - started

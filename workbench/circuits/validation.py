@@ -110,12 +110,13 @@ def faithfulness_curve(model, saes: dict, pairs: ContrastivePairs, circuit: Circ
 
 
 @torch.no_grad()
-def exact_node_effect(model, sae, hook: str, pairs: ContrastivePairs, node: Node, metric=logit_diff,
-                      batch_size: int = 64) -> float:
-    """The change of the mean metric when ``node`` alone takes its patch value in the clean run
-    (at its position, or at every position for an aggregated node); all else recomputed."""
+def exact_node_effects(model, sae, hook: str, pairs: ContrastivePairs, nodes: list[Node], metric=logit_diff,
+                       batch_size: int = 64) -> list[float]:
+    """For each node of ``hook``: the change of the mean metric when that node alone takes its
+    patch value in the clean run (at its position, or at every position for an aggregated
+    node), everything downstream recomputed. One forward pass per node and batch."""
     device = next(model.parameters()).device
-    total = 0.0
+    totals = [0.0] * len(nodes)
     for batch in pairs.batches(batch_size):
         clean, patch = batch.clean.to(device), batch.patch.to(device)
         patched = {}
@@ -126,21 +127,27 @@ def exact_node_effect(model, sae, hook: str, pairs: ContrastivePairs, node: Node
 
         with model.hooks(fwd_hooks=[(hook, record)]):
             model(patch)
-        f_patch, e_patch = patched["f"], patched["eps"]
-        where = slice(None) if node.position is None else slice(node.position, node.position + 1)
-
-        def substitute(x, hook):
-            f, eps = split(sae, x)
-            if node.feature is None:
-                eps[:, where] = e_patch[:, where]
-            else:
-                f[:, where, node.feature] = f_patch[:, where, node.feature]
-            return join(sae, f, eps, x)
-
         base = metric(model(clean), batch)
-        with model.hooks(fwd_hooks=[(hook, substitute)]):
-            total += float((metric(model(clean), batch) - base).sum())
-    return total / len(pairs)
+        for i, node in enumerate(nodes):
+            where = slice(None) if node.position is None else slice(node.position, node.position + 1)
+
+            def substitute(x, hook, node=node, where=where):
+                f, eps = split(sae, x)
+                if node.feature is None:
+                    eps[:, where] = patched["eps"][:, where]
+                else:
+                    f[:, where, node.feature] = patched["f"][:, where, node.feature]
+                return join(sae, f, eps, x)
+
+            with model.hooks(fwd_hooks=[(hook, substitute)]):
+                totals[i] += float((metric(model(clean), batch) - base).sum())
+    return [total / len(pairs) for total in totals]
+
+
+def exact_node_effect(model, sae, hook: str, pairs: ContrastivePairs, node: Node, metric=logit_diff,
+                      batch_size: int = 64) -> float:
+    """``exact_node_effects`` for one node."""
+    return exact_node_effects(model, sae, hook, pairs, [node], metric, batch_size)[0]
 
 
 @dataclass
@@ -171,7 +178,7 @@ def patching_check(model, saes: dict, pairs: ContrastivePairs, per_module: int =
     ig = find_circuit(model, saes, pairs, method="ig", steps=steps, **kwargs)
     rng = random.Random(seed)
     modules = circuit_modules(saes)
-    changed = _changed_nodes(model, saes, pairs)
+    changed = changed_nodes(model, saes, pairs)
     rows = []
     with evaluating_all(saes):
         for module in tqdm(modules, desc="exact patching", unit="module", disable=not progress):
@@ -180,8 +187,8 @@ def patching_check(model, saes: dict, pairs: ContrastivePairs, per_module: int =
             chosen = ranked[:per_module // 2]
             rest = [n for n in candidates if n not in chosen]
             chosen += rng.sample(rest, min(len(rest), per_module - len(chosen)))
-            for node in chosen + [Node(module.hook, None, None)]:
-                exact = exact_node_effect(model, saes[module.hook], module.hook, pairs, node, metric)
+            nodes = chosen + [Node(module.hook, None, None)]
+            for node, exact in zip(nodes, exact_node_effects(model, saes[module.hook], module.hook, pairs, nodes, metric)):
                 rows.append({"module": module.label, "kind": module.kind, "node": node, "exact": exact,
                              "atp": atp.node_effect(node), "ig": ig.node_effect(node)})
     correlation = {}
@@ -200,7 +207,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _changed_nodes(model, saes: dict, pairs: ContrastivePairs) -> dict[str, list[Node]]:
+def changed_nodes(model, saes: dict, pairs: ContrastivePairs) -> dict[str, list[Node]]:
     """Aggregated feature nodes whose value differs between a clean and its patch prompt."""
     with evaluating_all(saes):
         _, clean = module_states(model, saes, pairs.clean.to(next(model.parameters()).device))
