@@ -40,14 +40,13 @@ def main() -> None:
     parser.add_argument("--exact-per-module", type=int, default=100)
     args = parser.parse_args()
     import workbench as wb
-    from workbench.circuits import (changed_nodes, circuit_modules, exact_node_effects, faithfulness_curve, find_circuit,
+    from workbench.circuits import (changed_nodes, circuit_hooks, circuit_modules, exact_node_effects, faithfulness_curve, find_circuit,
                                     task_pairs, task_performance)
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model = wb.load_model(device="cpu")
-    hooks = [f"blocks.{layer}.{name}" for layer in range(model.cfg.n_layers)
-             for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+    hooks = circuit_hooks(model.cfg.n_layers)
     saes = {hook: wb.load_sae(f"{wb.DEFAULT_MODEL}/{hook}/topk-2048", device="cpu").eval() for hook in hooks}
     pairs = task_pairs(args.task, model, n=2 * args.pairs)
     found_on, held_out = pairs.subset(range(args.pairs)), pairs.subset(range(args.pairs, 2 * args.pairs))

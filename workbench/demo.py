@@ -120,9 +120,8 @@ def _circuit_stage(model, out_dir) -> dict:
     from workbench.widgets import circuit_graph, plot_circuit
 
     started = time.perf_counter()
-    hooks = [f"blocks.{layer}.{name}" for layer in range(model.cfg.n_layers)
-             for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
-    saes = {hook: wb.load_sae(f"{wb.DEFAULT_MODEL}/{hook}/topk-2048") for hook in hooks}
+    saes = {hook: wb.load_sae(f"{wb.DEFAULT_MODEL}/{hook}/topk-2048")
+            for hook in wb.circuits.circuit_hooks(model.cfg.n_layers)}
     n = 16 if quick_mode() else 64
     pairs = wb.circuits.task_pairs("brackets", model, n=2 * n)
     found_on, held_out = pairs.subset(range(n)), pairs.subset(range(n, 2 * n))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.circuits import find_circuit, logit_diff, module_states, task_pairs, task_performance
+from workbench.circuits import circuit_hooks, find_circuit, logit_diff, module_states, task_pairs, task_performance
 from workbench.circuits.modules import join, split
 from workbench.circuits.validation import patching_check
 
-HOOKS = [f"blocks.{layer}.{name}" for layer in range(4) for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+HOOKS = circuit_hooks(4)
 
 
 @pytest.fixture(scope="module")

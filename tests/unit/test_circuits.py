@@ -15,12 +15,12 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import workbench as wb
-from workbench.circuits import ContrastivePairs, Node, find_circuit, logit_diff, upstream, circuit_modules
+from workbench.circuits import ContrastivePairs, Node, circuit_hooks, circuit_modules, find_circuit, logit_diff, upstream
 from workbench.circuits.modules import join, split
 from workbench.circuits.validation import clean_means, faithfulness_curve, patching_check
 from workbench.widgets.circuit_viewer import circuit_graph
 
-HOOKS = [f"blocks.{l}.{name}" for l in range(2) for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+HOOKS = circuit_hooks(2)
 D_MODEL, D_SAE, POS, VOCAB = 6, 4, 5, 7
 
 

@@ -40,6 +40,13 @@ class Module:
         return f"{self.kind}{self.layer}"
 
 
+def circuit_hooks(n_layers: int) -> list[str]:
+    """Every hook a circuit can take an SAE at, in forward order: attn_out, mlp_out and
+    resid_post of each of ``n_layers`` blocks (the graph of Marks et al. 2024)."""
+    by_kind = {kind: name for name, kind in KINDS.items()}
+    return [f"blocks.{layer}.{by_kind[kind]}" for layer in range(n_layers) for kind in sorted(ORDER, key=ORDER.get)]
+
+
 def circuit_modules(hooks) -> list[Module]:
     """The modules of ``hooks`` in forward order, or a ValueError naming a hook that is not
     an attention output, MLP output or residual stream after a block."""

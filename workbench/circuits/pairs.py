@@ -69,10 +69,6 @@ class ContrastivePairs:
             labels.append(clean if c == p else f"{clean}/{patch}")
         return labels
 
-    def to(self, device) -> "ContrastivePairs":
-        return ContrastivePairs(self.clean.to(device), self.patch.to(device), self.clean_answer.to(device),
-                                self.patch_answer.to(device), self.name, self.description, self.texts)
-
 
 def logit_diff(logits: Tensor, pairs: ContrastivePairs) -> Tensor:
     """logit(clean answer) − logit(patch answer) at the last position, one value per pair."""

@@ -31,17 +31,12 @@ def clean_means(model, saes: dict, pairs: ContrastivePairs, batch_size: int = 64
     """Per position, the mean of every feature and of every error vector over the clean prompts."""
     sums, n = {}, 0
     device = next(model.parameters()).device
-
-    def record(x, hook):
-        f, eps = split(saes[hook.name], x)
-        s_f, s_e = sums.setdefault(hook.name, [0.0, 0.0])
-        sums[hook.name] = [s_f + f.double().sum(0), s_e + eps.double().sum(0)]
-        return x
-
-    with model.hooks(fwd_hooks=[(hook, record) for hook in saes]):
-        for batch in pairs.batches(batch_size):
-            model(batch.clean.to(device))
-            n += len(batch)
+    for batch in pairs.batches(batch_size):
+        _, states = module_states(model, saes, batch.clean.to(device))
+        for hook, (f, eps) in states.items():
+            s_f, s_e = sums.get(hook, (0.0, 0.0))
+            sums[hook] = (s_f + f.double().sum(0), s_e + eps.double().sum(0))
+        n += len(batch)
     return {hook: ((s_f / n).float(), (s_e / n).float()) for hook, (s_f, s_e) in sums.items()}
 
 
@@ -119,35 +114,22 @@ def exact_node_effects(model, sae, hook: str, pairs: ContrastivePairs, nodes: li
     totals = [0.0] * len(nodes)
     for batch in pairs.batches(batch_size):
         clean, patch = batch.clean.to(device), batch.patch.to(device)
-        patched = {}
-
-        def record(x, hook):
-            patched["f"], patched["eps"] = split(sae, x)
-            return x
-
-        with model.hooks(fwd_hooks=[(hook, record)]):
-            model(patch)
+        f_patch, e_patch = module_states(model, {hook: sae}, patch)[1][hook]
         base = metric(model(clean), batch)
         for i, node in enumerate(nodes):
             where = slice(None) if node.position is None else slice(node.position, node.position + 1)
 
-            def substitute(x, hook, node=node, where=where):
+            def substitute(x, hook, node=node, where=where, f_patch=f_patch, e_patch=e_patch):
                 f, eps = split(sae, x)
                 if node.feature is None:
-                    eps[:, where] = patched["eps"][:, where]
+                    eps[:, where] = e_patch[:, where]
                 else:
-                    f[:, where, node.feature] = patched["f"][:, where, node.feature]
+                    f[:, where, node.feature] = f_patch[:, where, node.feature]
                 return join(sae, f, eps, x)
 
             with model.hooks(fwd_hooks=[(hook, substitute)]):
                 totals[i] += float((metric(model(clean), batch) - base).sum())
     return [total / len(pairs) for total in totals]
-
-
-def exact_node_effect(model, sae, hook: str, pairs: ContrastivePairs, node: Node, metric=logit_diff,
-                      batch_size: int = 64) -> float:
-    """``exact_node_effects`` for one node."""
-    return exact_node_effects(model, sae, hook, pairs, [node], metric, batch_size)[0]
 
 
 @dataclass

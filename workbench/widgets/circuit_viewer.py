@@ -106,14 +106,16 @@ def _place(nodes: list[dict], per_position: bool, positions: int) -> tuple[list[
     paper's layout); returns the columns' centres and the total width."""
     if not per_position:
         for n in nodes:
-            n["x"], n["y"] = float(n["rank"]), float(n["row"])
+            n["x"], n["y"] = n["rank"] + 0.5, float(n["row"])
         return [], float(max([n["rank"] for n in nodes], default=0) + 1)
     widths = [2] * positions  # room for the position's token label
+    in_cell: dict[tuple, int] = {}
     for n in nodes:
         widths[n["position"]] = max(widths[n["position"]], n["rank"] + 1)
+        in_cell[(n["row"], n["position"])] = in_cell.get((n["row"], n["position"]), 0) + 1
     starts = [sum(widths[:p]) for p in range(positions)]
     for n in nodes:
-        count = sum(1 for m in nodes if m["row"] == n["row"] and m["position"] == n["position"])
+        count = in_cell[(n["row"], n["position"])]
         n["x"] = starts[n["position"]] + (widths[n["position"]] - count) / 2 + n["rank"] + 0.5
         n["y"] = float(n["row"])
     return [starts[p] + widths[p] / 2 for p in range(positions)], float(sum(widths))
