@@ -120,6 +120,27 @@ def _sparsity_explorer(lab) -> None:
 HOSTILE_PROMPT = "s = '<script>alert(3)</script>' + '<img src=x onerror=alert(4)>'"
 
 
+# Click to rendered panel, timed in the page: from the click event (capture phase, before any
+# handler) to the frame that paints the header naming the new feature (the header is set last,
+# after every other panel). The driver's own time around click() is recorded too; it adds
+# Playwright's actionability checks (scroll, stability, hit test: 100-250 ms here), which are
+# not the dashboard's.
+CLICK_TO_RENDER = """([selector, text]) => {
+  window.__wbRendered = null;
+  const header = document.querySelector(selector);
+  document.addEventListener("click", () => {
+    const clicked = performance.now();
+    const observer = new MutationObserver(() => {
+      if (!(header.textContent || "").includes(text)) return;
+      observer.disconnect();
+      // The frame that shows it: rAF runs before its paint, a task queued there runs after it.
+      requestAnimationFrame(() => setTimeout(() => { window.__wbRendered = performance.now() - clicked; }));
+    });
+    observer.observe(header, {childList: true, subtree: true, characterData: true});
+  }, {capture: true, once: true});
+}"""
+
+
 def _feature_browser(lab) -> None:
     """Notebook 05: typing a feature id shows that feature (its top context with the activating
     token marked); a related feature's button goes to it (click-to-render latency measured);
@@ -132,17 +153,16 @@ def _feature_browser(lab) -> None:
     lab.wait_for(".wb-feature-contexts .wb-context .wb-token.wb-marked")
     top = lab.text(".wb-feature-contexts .wb-context")
     assert top.startswith("#1"), top  # the first line is the top context
-    latencies = []
+    latencies, driver = [], []
     for _ in range(20):
         button = lab.locator(".wb-related-button button, button.wb-related-button")
         target = button.inner_text().split()[0]
+        lab.page.evaluate(CLICK_TO_RENDER, [header, f"feature {target} of"])
         started = time.perf_counter()
         button.click()
-        # Polled every animation frame (expect()'s polling backs off to 100-1000 ms steps).
-        lab.page.wait_for_function(
-            "([sel, text]) => (document.querySelector(sel)?.textContent || '').includes(text)",
-            arg=[header, f"feature {target} of"], polling="raf", timeout=30_000)
-        latencies.append(time.perf_counter() - started)
+        rendered = lab.page.wait_for_function("() => window.__wbRendered", timeout=30_000).json_value()
+        driver.append(time.perf_counter() - started)
+        latencies.append(rendered / 1000)
     lab.type(".wb-prompt-input", HOSTILE_PROMPT)
     lab.wait_for_text(".wb-prompt-features", "onerror", timeout_s=60)
     view = lab.locator(".wb-prompt-features")
@@ -157,7 +177,8 @@ def _feature_browser(lab) -> None:
     assert not dialogs, f"a script ran: {dialogs}"
     # For benchmarks/RESULTS.md (bench_features): click to rendered panel, in the browser.
     record = {"click_to_render_s": latencies, "median_s": statistics.median(latencies),
-              "p95_s": sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)]}
+              "p95_s": sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)],
+              "driver_click_to_header_s": driver}
     (lab.out_dir / "feature_switch_latency.json").write_text(json.dumps(record, indent=1))
     assert record["p95_s"] < 2.0, record  # a loose bound for a loaded CI machine; the benchmark reports the numbers
 

@@ -74,8 +74,9 @@ def test_select_and_clicking_a_related_feature_move_the_dashboard(browser):
     browser.select(7)
     assert browser.data["feature"] == 7 and browser.feature_input.value == 7 and "feature 7" in browser.html()
     neighbour = browser.data["neighbours"][0][0]
-    button = browser.related.children[0].children[1].children[0]
-    button.click()
+    nearest = browser.related.groups[0]
+    assert nearest["title"].startswith("nearest") and nearest["items"][0][0] == neighbour
+    browser.related._handle_custom_msg({"select_neuron": neighbour}, [])  # what clicking its button sends
     assert browser.data["feature"] == neighbour and browser.feature_input.value == neighbour
     browser.feature_input.value = 9  # typing in the box
     assert browser.data["feature"] == 9

@@ -30,11 +30,14 @@ DOM classes (stable, for the browser test):
 from __future__ import annotations
 
 import html
+import pathlib
 import time
 
+import anywidget
 import ipywidgets as widgets
 import numpy as np
 import torch
+import traitlets
 
 from .token_view import TokenSequences, _check_text, finite
 
@@ -229,6 +232,16 @@ def plot_feature(data: dict, width: str | float = "double"):
     return fig
 
 
+class RelatedFeatures(anywidget.AnyWidget):
+    """The related-feature lists of the shown feature (ES module ``related.js``): buttons
+    ``.wb-related-button``; a click sends {select_neuron: f}, handled like a prompt-view link."""
+
+    _esm = pathlib.Path(__file__).with_name("related.js")
+    _css = pathlib.Path(__file__).with_name("tokens.css")
+    groups = traitlets.List([]).tag(sync=True)
+    """[{title, items: [[feature, value]]}]"""
+
+
 class FeatureBrowser(widgets.VBox):
     """The feature dashboard over ``index`` (``workbench.features.FeatureIndex``).
 
@@ -260,13 +273,9 @@ class FeatureBrowser(widgets.VBox):
         self.logits_panel = widgets.HTML(layout=widgets.Layout(width="340px"))
         self.logits_panel.add_class("wb-feature-logits")
         self.contexts = TokenSequences(kind="feature_contexts")
-        # A fixed pool of buttons, relabelled per feature: replacing widgets on every switch
-        # would let a click land on a view that is being torn down (and leak widget models).
-        self.related_buttons = {key: [self._related_button() for _ in range(RELATED_SHOWN)] for key, _ in RELATED}
-        self.related = widgets.VBox([
-            widgets.VBox([widgets.HTML(f'<div class="wb-panel-title">{_e(title)}</div>'),
-                          widgets.HBox(self.related_buttons[key], layout=widgets.Layout(flex_flow="row wrap"))],
-                         layout=widgets.Layout(width="360px")) for key, title in RELATED])
+        # One view for the three lists: a switch sends one message, not one per button.
+        self.related = RelatedFeatures(layout=widgets.Layout(width="360px"))
+        self.related.on_msg(self._on_msg)
         self.prompt_input = widgets.Textarea(value=prompt, continuous_update=False, description="what fires here",
                                              layout=widgets.Layout(width="100%", height="6em"))
         self.prompt_input.add_class("wb-prompt-input")
@@ -391,24 +400,13 @@ class FeatureBrowser(widgets.VBox):
             self.contexts.title = (f"top {sum(c['kind'] == 'top' for c in data['contexts'])} contexts, then samples "
                                    "from activation-quantile bins (bold: the activating token)")
             self.contexts.lines = lines
-        for key, _ in RELATED:
-            pairs = list(data[key])[:RELATED_SHOWN]
-            for i, button in enumerate(self.related_buttons[key]):
-                button.target = pairs[i][0] if i < len(pairs) else None
-                button.description = f"{pairs[i][0]} ({pairs[i][1]:.2f})" if i < len(pairs) else ""
-                button.layout.display = None if i < len(pairs) else "none"
+        self.related.groups = [{"title": title, "items": [[int(j), finite(v)] for j, v in list(data[key])[:RELATED_SHOWN]]}
+                               for key, title in RELATED]
         self.alpha.value = round(2 * data["stats"]["max"], 2)  # twice its strongest firing: a visible push
         if self.prompt is not None:
             self._draw_prompt()
         # Last, so that a header naming feature f means every panel above already shows f.
         self.header.value = header
-
-    def _related_button(self) -> widgets.Button:
-        button = widgets.Button(layout=widgets.Layout(width="auto"))
-        button.add_class("wb-related-button")
-        button.target = None
-        button.on_click(lambda b: b.target is not None and self.select(b.target))
-        return button
 
     def _draw_prompt(self) -> None:
         f = self.data["feature"]

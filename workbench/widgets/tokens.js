@@ -79,6 +79,30 @@ function render({ model, el }) {
   let hovered = null; // {line, position} under the pointer, shown in preference to the selection
   let panel = null;
 
+  // One listener per event on the root, not three per token: a feature's contexts are
+  // about a thousand tokens, redrawn on every switch.
+  const whereOf = (target) => {
+    const span = target instanceof Element ? target.closest(".wb-token") : null;
+    const line = span && span.closest(".wb-line");
+    return span && line && root.contains(line)
+      ? { line: Number(line.dataset.line), position: Number(span.dataset.position) } : null;
+  };
+  root.addEventListener("mouseover", (event) => {
+    const where = whereOf(event.target);
+    if (where && (hovered?.line !== where.line || hovered?.position !== where.position)) { hovered = where; drawDetail(); }
+  });
+  root.addEventListener("mouseout", (event) => {
+    if (!whereOf(event.target) || whereOf(event.relatedTarget)) return;
+    hovered = null;
+    drawDetail();
+  });
+  root.addEventListener("click", (event) => {
+    const where = whereOf(event.target);
+    if (!where) return;
+    model.set("selected", where);
+    model.save_changes();
+  });
+
   const tokenAt = (where) => {
     const line = where && (model.get("lines") ?? [])[where.line];
     return line ? line.tokens[where.position] : undefined;
@@ -163,12 +187,6 @@ function render({ model, el }) {
         if (pos === line.marked) span.classList.add("wb-marked");
         span.style.backgroundColor = colour(token.value, scale);
         span.title = `${visible(token.text)}  ${fmt(token.value)}`;
-        span.addEventListener("mouseenter", () => { hovered = { line: li, position: pos }; drawDetail(); });
-        span.addEventListener("mouseleave", () => { hovered = null; drawDetail(); });
-        span.addEventListener("click", () => {
-          model.set("selected", { line: li, position: pos });
-          model.save_changes();
-        });
         div.appendChild(span);
         // The token view reads like the code it shows: a new line after a newline token.
         if (asText && String(token.text).includes("\n")) div.appendChild(node("br"));
@@ -181,13 +199,21 @@ function render({ model, el }) {
     markSelected();
   }
 
+  // One message from the kernel often changes several of these traits at once (title,
+  // scale and lines of a new feature): draw once, after all of them are set.
+  let pending = false;
+  const schedule = () => {
+    if (pending) return;
+    pending = true;
+    queueMicrotask(() => { pending = false; draw(); });
+  };
   const redraw = ["kind", "title", "error", "scale", "lines"];
-  for (const name of redraw) model.on(`change:${name}`, draw);
+  for (const name of redraw) model.on(`change:${name}`, schedule);
   model.on("change:selected", markSelected);
   model.on("change:detail", drawDetail);
   draw();
   return () => {
-    for (const name of redraw) model.off(`change:${name}`, draw);
+    for (const name of redraw) model.off(`change:${name}`, schedule);
     model.off("change:selected", markSelected);
     model.off("change:detail", drawDetail);
   };
