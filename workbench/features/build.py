@@ -133,14 +133,22 @@ def _cache_tokens(model, tokens: torch.Tensor, hook: str, progress: bool):
 
 def _per_feature_tables(values, indices, d_sae, top_n, n_bins, samples_per_bin, histogram_bins, count, total, peak, n):
     """Top-N rows, quantiles, quantile-bin samples and histogram of every feature, from one sort."""
-    rows = torch.arange(values.shape[0], dtype=torch.int64).unsqueeze(1).expand_as(values)
-    active = values > 0
-    feat, val, row = indices[active].long(), values[active], rows[active]
+    width = values.shape[1]
+    flat_values, flat_indices = values.reshape(-1), indices.reshape(-1)
+    active = flat_values > 0
+    # A TopK code is all nonzero: then an entry's row is its flat position // k, no mask needed.
+    position = None if bool(active.all()) else active.nonzero().squeeze(1)
+    feat = flat_indices.long() if position is None else flat_indices[position].long()
+    val = flat_values if position is None else flat_values[position]
     # Key: feature (high bits), then value descending; a stable sort keeps row order among ties.
     # A positive float32's bit pattern orders like its value, so 2^31 - 1 - bits orders descending.
-    bits = val.view(torch.int32).long()
-    order = torch.sort(feat * (1 << 31) + ((1 << 31) - 1 - bits), stable=True).indices
-    val, row = val[order], row[order]
+    # The sorted keys give back feature and value; only the row is gathered.
+    low = (1 << 31) - 1
+    keys, order = torch.sort(feat * (1 << 31) + (low - val.view(torch.int32).long()), stable=True)
+    feat_sorted = keys >> 31
+    val = (low - (keys & low)).to(torch.int32).view(torch.float32)
+    row = (order if position is None else position[order]).div_(width, rounding_mode="floor")
+    del keys, order
     counts = count.long()
     starts = torch.cumsum(counts, 0) - counts
 
@@ -171,7 +179,6 @@ def _per_feature_tables(values, indices, d_sae, top_n, n_bins, samples_per_bin, 
     hi_val = take(val, at(counts.unsqueeze(1) - 1 - hi), 0.0).double()
     quantiles = (lo_val + (hi_val - lo_val) * (position - lo)).float()
     # Exact histogram of the nonzero activations on histogram_bins equal bins of (0, max].
-    feat_sorted = feat[order]
     scale = peak[feat_sorted].clamp_min(1e-30)
     bucket = torch.clamp((val / scale * histogram_bins).long(), max=histogram_bins - 1)
     histogram = torch.bincount(feat_sorted * histogram_bins + bucket, minlength=d_sae * histogram_bins)
@@ -194,9 +201,12 @@ def _contexts(cache, values, indices, chosen_rows, chosen_values, window, progre
     # activation of feature f is a binary search away (k× less work than scanning its code).
     # Rows are already in order, so sorting each row's k latents orders the keys globally.
     in_row, order = torch.sort(indices.long(), dim=1)
-    rows = torch.arange(n, dtype=torch.int64).unsqueeze(1)
-    active = values.gather(1, order) > 0
-    keys, found_values = (rows * d_sae + in_row)[active], values.gather(1, order)[active]
+    # int32 keys when they fit: the binary search is cache-bound, and runs ~30% faster on them.
+    key_dtype = torch.int32 if n * d_sae < 2**31 else torch.int64
+    keys = (torch.arange(n, dtype=torch.int64).unsqueeze(1) * d_sae + in_row).to(key_dtype).reshape(-1)
+    found_values = values.gather(1, order).reshape(-1)
+    if not bool((found_values > 0).all()):  # a TopK code has no zeros to drop
+        keys, found_values = keys[found_values > 0], found_values[found_values > 0]
     # Token ids in 2 bytes when the vocabulary allows (-1 pads): the largest table of the index.
     id_dtype = torch.int16 if int(tokens.max()) < 2**15 else torch.int32
     ctx_tokens = torch.full((d_sae, n_ctx, width), -1, dtype=id_dtype)
@@ -209,7 +219,7 @@ def _contexts(cache, values, indices, chosen_rows, chosen_values, window, progre
                                                                           == centre.unsqueeze(-1).div(seq_len, rounding_mode="floor"))
         safe = torch.where(same_seq, at, torch.zeros_like(at))
         ctx_tokens[f0:f1] = torch.where(same_seq, tokens[safe], torch.full_like(safe, -1)).to(id_dtype)
-        query = safe * d_sae + torch.arange(f0, f1).view(-1, 1, 1)
+        query = (safe * d_sae + torch.arange(f0, f1).view(-1, 1, 1)).to(key_dtype)
         slot = torch.searchsorted(keys, query).clamp_max(max(keys.numel() - 1, 0))
         hit = same_seq & (keys[slot] == query) if keys.numel() else torch.zeros_like(same_seq)
         ctx_acts[f0:f1] = torch.where(hit, found_values[slot] if keys.numel() else 0.0, 0.0).to(torch.float16)
@@ -245,10 +255,12 @@ def _decoder_tables(sae, model, n_related: int, block: int = 1024) -> dict:
             top, bottom = logits.topk(t, dim=1), logits.topk(t, dim=1, largest=False)
             top_ids[f0:f0 + block], top_val[f0:f0 + block] = top.indices.numpy(), top.values.numpy()
             bot_ids[f0:f0 + block], bot_val[f0:f0 + block] = bottom.indices.numpy(), bottom.values.numpy()
-            lo, hi = logits.min(1).values, logits.max(1).values
-            bucket = ((logits - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None] * 32).long().clamp(max=31)
-            hist[f0:f0 + block] = torch.zeros(logits.shape[0], 32, dtype=torch.long).scatter_add_(
-                1, bucket, torch.ones_like(bucket)).numpy()
+            lo, hi = logits.aminmax(dim=1)
+            # Bin of each token's logit on 32 equal bins of [lo, hi], in place (the block is the big array).
+            bucket = logits.sub_(lo[:, None]).mul_((32 / (hi - lo).clamp_min(1e-12))[:, None]).long().clamp_(max=31)
+            rows = bucket.shape[0]
+            bucket += 32 * torch.arange(rows).unsqueeze(1)  # one bincount for the whole block
+            hist[f0:f0 + block] = torch.bincount(bucket.reshape(-1), minlength=rows * 32).reshape(rows, 32).numpy()
             edges[f0:f0 + block] = torch.stack([lo, hi], 1).numpy()
         out.update(logit_top_ids=top_ids, logit_top_values=top_val, logit_bottom_ids=bot_ids,
                    logit_bottom_values=bot_val, logit_histogram=hist, logit_range=edges)
@@ -270,12 +282,15 @@ def _correlations(values, indices, d_sae, n_related, correlation_rows, progress,
     keep = v > 0
     row_of = torch.arange(r).unsqueeze(1).expand_as(i)[keep].numpy()
     z = scipy.sparse.csr_matrix((v[keep].numpy(), (row_of, i[keep].numpy())), shape=(r, d_sae))
-    fired_rows = z.copy()
-    fired_rows.data[:] = 1.0
-    gram_all, both_all = (z.T @ z).tocsr(), (fired_rows.T @ fired_rows).tocsr()
+    # Both Grams share one sparsity pattern; the transpose is made once, in CSR (what the
+    # product wants), and the co-occurrence counts are exact int32.
+    zt = z.T.tocsr()
+    fired_rows = scipy.sparse.csr_matrix((np.ones(z.nnz, np.int32), z.indices, z.indptr), shape=z.shape)
+    fired_t = scipy.sparse.csr_matrix((np.ones(zt.nnz, np.int32), zt.indices, zt.indptr), shape=zt.shape)
+    gram_all, both_all = zt @ z, fired_t @ fired_rows
     mean = torch.from_numpy(np.asarray(z.sum(0)).ravel()) / r
     sq = torch.from_numpy(np.asarray(z.multiply(z).sum(0)).ravel()) / r
-    fired = torch.from_numpy(np.asarray(fired_rows.sum(0)).ravel())
+    fired = torch.from_numpy(np.diff(zt.indptr)).double()
     std = (sq - mean * mean).clamp_min(0).sqrt()
     m = min(n_related, d_sae - 1)
     out = {name: np.zeros((d_sae, m), dtype) for name, dtype in (("correlated_ids", np.int32), ("correlated_r", np.float32),
@@ -283,17 +298,18 @@ def _correlations(values, indices, d_sae, n_related, correlation_rows, progress,
     block = max(1, min(d_sae, block_bytes // (16 * d_sae)))  # two dense float64 blocks [block, d_sae]
     for f0 in tqdm(range(0, d_sae, block), desc="index: correlations", disable=not progress, unit="block"):
         f1 = min(f0 + block, d_sae)
-        gram, both = (torch.from_numpy(g[f0:f1].toarray()) for g in (gram_all, both_all))
-        cov = gram / r - mean[f0:f1, None] * mean[None, :]
-        pearson = cov / (std[f0:f1, None] * std[None, :])
-        jaccard = both / (fired[f0:f1, None] + fired[None, :] - both)
         own = torch.arange(f1 - f0)
-        for name, score in (("correlated", pearson), ("cooccurring", jaccard)):
-            score = torch.nan_to_num(score, nan=-math.inf)
+        # In place: these blocks are the largest arrays of the build.
+        pearson = torch.from_numpy(gram_all[f0:f1].toarray()).div_(r)
+        pearson.sub_(torch.outer(mean[f0:f1], mean)).div_(torch.outer(std[f0:f1], std))
+        both = torch.from_numpy(both_all[f0:f1].toarray()).double()
+        jaccard = both.div_(fired[f0:f1, None] + fired[None, :] - both)
+        for name, value_key, score in (("correlated", "correlated_r", pearson), ("cooccurring", "cooccurring_jaccard", jaccard)):
+            score = torch.nan_to_num_(score, nan=-math.inf)
             score[own, own + f0] = -math.inf  # not itself
             top = score.topk(m, dim=1)
             out[f"{name}_ids"][f0:f1] = top.indices.numpy()
-            out["correlated_r" if name == "correlated" else "cooccurring_jaccard"][f0:f1] = top.values.float().numpy()
+            out[value_key][f0:f1] = top.values.float().numpy()
     return out
 
 
