@@ -44,6 +44,15 @@ SIZES = [(256, 2048, 1_048_576), (768, 16384, 262_144)]
 QUICK_SIZES = [(64, 256, 16_384)]
 HELD_OUT = 16_384
 LIBRARIES = ("workbench", "workbench-fp32", "sae_lens", "sparsify")
+# The BatchTopK family against SAELens's own, at the first size (batch selection: each row's
+# latent count varies around k; Matryoshka adds nested prefix losses on the same code).
+FAMILY = ("workbench-batchtopk", "workbench-matryoshka", "sae_lens-batchtopk", "sae_lens-matryoshka")
+WORKERS = LIBRARIES + FAMILY
+
+
+def prefixes(d_sae: int) -> list[int]:
+    """Matryoshka's nested widths, the same for both libraries: workbench's default."""
+    return sorted({max(1, d_sae // 2 ** i) for i in range(4, -1, -1)})
 
 
 # --- the workers (one subprocess each) ----------------------------------------------------
@@ -65,21 +74,35 @@ def _batches(x: torch.Tensor):
         yield x[start:start + BATCH]
 
 
-def _train_workbench(x: torch.Tensor, d_sae: int, precision: str):
+def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: str = "topk"):
     from workbench.trainer import TrainConfig, train_sae
 
-    cfg = TrainConfig(architecture="topk", d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
-                      selection_precision=precision, device="cpu")
-    sae = train_sae(cfg, _batches(x), progress=False).eval()
-    return lambda rows: sae(rows).x_hat
+    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
+                      selection_precision=precision, device="cpu",
+                      sae_kwargs={"prefixes": prefixes(d_sae)} if architecture == "matryoshka" else {})
+    sae = train_sae(cfg, _batches(x), progress=False)
+    if architecture == "topk":
+        sae.eval()
+        return lambda rows: sae(rows).x_hat
+    # The batch rule on held-out batches of BATCH rows, as SAELens's training SAE applies it
+    # (its inference threshold only exists once exported): one rule for both libraries.
+    sae.train()
+    return lambda rows: sae.decode_sparse(sae.select(sae.pre_acts(rows)))
 
 
-def _train_sae_lens(x: torch.Tensor, d_sae: int):
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk"):
+    import sae_lens
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=K, device="cpu"))
+    if architecture == "topk":
+        sae = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=K, device="cpu"))
+    elif architecture == "batchtopk":
+        sae = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=K,
+                                                                                device="cpu"))
+    else:
+        sae = sae_lens.MatryoshkaBatchTopKTrainingSAE(sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=x.shape[1], d_sae=d_sae, k=K, device="cpu", matryoshka_widths=prefixes(d_sae)))
     # LanguageModelSAERunnerConfig's defaults (lr 3e-4 constant; lr_end is only read by cosine schedules).
     cfg = SAETrainerConfig(total_training_samples=x.shape[0], train_batch_size_samples=BATCH, device="cpu",
                            lr=3e-4, lr_end=3e-5, logger=LoggingConfig(log_to_wandb=False))
@@ -124,10 +147,11 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
     baseline = _status_kib("VmRSS")
     _reset_peak_rss()
     started = time.perf_counter()
+    architecture = library.split("-")[1] if library.endswith(("batchtopk", "matryoshka")) else "topk"
     if library.startswith("workbench"):
-        reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto")
-    elif library == "sae_lens":
-        reconstruct = _train_sae_lens(train, d_sae)
+        reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto", architecture)
+    elif library.startswith("sae_lens"):
+        reconstruct = _train_sae_lens(train, d_sae, architecture)
     else:
         reconstruct = _train_sparsify(train, d_sae)
     seconds = time.perf_counter() - started
@@ -155,7 +179,7 @@ def matmul_ceiling(d_in: int, d_sae: int, dtype: torch.dtype) -> float:
     return 2 * BATCH * d_in * d_sae / best / 1e9
 
 
-def run_size(d_in: int, d_sae: int, tokens: int, folder: Path) -> list[dict]:
+def run_size(d_in: int, d_sae: int, tokens: int, folder: Path, family: bool = False) -> list[dict]:
     from workbench import synthetic
     from workbench.sae.sparse_ops import fast_bf16_matmul
 
@@ -167,13 +191,13 @@ def run_size(d_in: int, d_sae: int, tokens: int, folder: Path) -> list[dict]:
     torch.save({"train": train, "held_out": held_out}, path)
     del train, held_out
     rows = []
-    for library in LIBRARIES:
+    for library in LIBRARIES + (FAMILY if family else ()):
         done = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{library} failed at d_in={d_in}, d_sae={d_sae}:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        bf16 = library == "workbench" and fast_bf16_matmul(torch.device("cpu"))
+        bf16 = library.startswith("workbench") and library != "workbench-fp32" and fast_bf16_matmul(torch.device("cpu"))
         result["encoder_dtype"] = "bf16 (selection)" if bf16 else "fp32"
         ceiling = matmul_ceiling(d_in, d_sae, torch.bfloat16 if bf16 else torch.float32)
         result["ceiling_gflops"] = ceiling
@@ -188,6 +212,8 @@ def report(results: list[dict]) -> str:
     header = ["d_in", "d_sae", "library", "encoder matmul", "tokens/s", "× fastest other", "peak MiB", "held-out FVU",
               "matmul ceiling GFLOP/s", "% of ceiling"]
     lines = []
+    family = [r for r in results if r["library"] in FAMILY]
+    results = [r for r in results if r["library"] in LIBRARIES]
     for size in sorted({(r["d_in"], r["d_sae"]) for r in results}):
         group = [r for r in results if (r["d_in"], r["d_sae"]) == size]
         fastest_other = max(r["tokens_per_s"] for r in group if not r["library"].startswith("workbench"))
@@ -207,13 +233,33 @@ def report(results: list[dict]) -> str:
         "machine's best matmul in that dtype.",
         "",
         table(header, lines),
+        *family_report(family, results),
     ])
+
+
+def family_report(family: list[dict], topk: list[dict]) -> list[str]:
+    """BatchTopK and Matryoshka, each library's against its own TopK and the other's same architecture."""
+    if not family:
+        return []
+    lines = []
+    for r in family:
+        library, architecture = r["library"].split("-")
+        own_topk = next(t for t in topk if t["library"] == library and (t["d_in"], t["d_sae"]) == (r["d_in"], r["d_sae"]))
+        other = next(o for o in family if o["library"] == f"{'sae_lens' if library == 'workbench' else 'workbench'}-{architecture}")
+        lines.append([r["d_in"], r["d_sae"], library, architecture, f"{r['tokens_per_s']:,.0f}",
+                      f"{r['tokens_per_s'] / own_topk['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}",
+                      f"{r['peak_mib']:,.0f}", f"{r['fvu']:.4f}"])
+    return ["", "The BatchTopK family on the same data and steps (k = 32 on average per row; Matryoshka's nested "
+            f"widths {prefixes(family[0]['d_sae'])}, level losses summed in both libraries). Held-out FVU with the batch "
+            "rule on held-out batches of 4,096 rows for both (SAELens's training SAE has no other rule before export).",
+            "", table(["d_in", "d_sae", "library", "architecture", "tokens/s", "× own TopK", "× other library",
+                       "peak MiB", "held-out FVU"], lines)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
-    parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,8 +268,8 @@ def main() -> None:
         return
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        for d_in, d_sae, tokens in QUICK_SIZES if args.quick else SIZES:
-            results += run_size(d_in, d_sae, tokens, Path(folder))
+        for i, (d_in, d_sae, tokens) in enumerate(QUICK_SIZES if args.quick else SIZES):
+            results += run_size(d_in, d_sae, tokens, Path(folder), family=i == 0)
     body = report(results)
     print(body)
     if not args.quick:

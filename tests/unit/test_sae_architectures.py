@@ -228,3 +228,37 @@ def test_sae_lens_round_trip_gives_identical_encodings(arch, tmp_path):
     torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x).x_hat, rtol=1e-5, atol=1e-5)
     ours_again = saes.load(tmp_path)  # a SAELens folder opens through workbench.sae.load
     torch.testing.assert_close(ours_again.encode(x), sae.encode(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,k", [(BATCH, K), (3, 40), (5, 1)])
+def test_batch_top_k_equals_the_dense_batch_selection(rows, k):
+    """The sparse batch top-k keeps exactly the k·B largest ReLU'd entries of the batch (the
+    dense reference: flatten, top-k, scatter back), at their values, padding with zeros."""
+    from workbench.sae.batchtopk import batch_top_k
+
+    pre = torch.randn(rows, D_SAE, generator=torch.Generator().manual_seed(rows))
+    flat = pre.relu().flatten()
+    top = flat.topk(k * rows)
+    expected = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+    code = batch_top_k(pre, k)
+    assert torch.equal(code.dense(D_SAE), expected)
+    assert code.values.shape[1] == int((expected > 0).sum(-1).max())
+    real = code.values > 0
+    for row in range(rows):  # each real latent once per row; padding only at value 0
+        assert code.indices[row][real[row]].unique().numel() == int(real[row].sum())
+
+
+def test_flat_top_k_is_exact_also_when_its_sampled_threshold_is_wrong():
+    """The thresholded top-k equals torch's on random data, and on data built so the strided
+    sample sees only large values (its threshold keeps too few: the full top-k runs)."""
+    from workbench.sae.batchtopk import _flat_top_k
+
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(1 << 20, generator=generator)
+    sampled = torch.arange(0, 1 << 20, ((1 << 20) // 65_536) | 1)  # the positions its stride reads
+    rigged = flat.clone().index_copy_(0, sampled, 100.0 + torch.arange(sampled.numel(), dtype=flat.dtype))
+    for data in (flat, rigged):
+        values, indices = _flat_top_k(data, 1000)
+        expected = data.topk(1000)
+        assert torch.equal(indices.sort().values, expected.indices.sort().values)
+        assert torch.equal(data[indices], values)

@@ -38,25 +38,66 @@ def _rows_to_code(z: Tensor) -> SparseCode:
     return SparseCode(values, indices)
 
 
+def _flat_top_k(flat: Tensor, n: int, sample: int = 65_536) -> tuple[Tensor, Tensor]:
+    """``flat.topk(n, sorted=False)``, exactly, ~4× faster for n ≪ flat.numel().
+
+    A top-k over one long vector runs on one core. Instead: a threshold below the n-th
+    largest value, estimated from an evenly strided sample (no random numbers: training
+    stays reproducible) with a 2× margin, keeps ~2n candidates in one parallel pass, and
+    the top-k runs on those. Should fewer than n pass (the estimate was too high), the
+    full top-k runs."""
+    total = flat.numel()
+    if 4 * n >= total or total <= 4 * sample:
+        return flat.topk(n, sorted=False)
+    stride = (total // sample) | 1  # odd: coprime with a power-of-two width, so every latent is sampled
+    probe = flat[::stride]
+    threshold = probe.kthvalue(max(1, int(probe.numel() * (1 - 2 * n / total)))).values
+    candidates = (flat >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < n:
+        return flat.topk(n, sorted=False)
+    values, chosen = flat[candidates].topk(n, sorted=False)
+    return values, candidates[chosen]
+
+
+def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
+    """The k·B largest ReLU'd entries of the batch, as a padded code, without a dense z.
+
+    One top-k over the flattened batch picks the entries; they are grouped by row (a sort
+    of k·B indices) into [B, w] slots, w the most any row got. The rest of a row's slots
+    are padding, value 0 at latent 0: zeros add nothing to a decode, and every consumer of
+    a training code skips values ≤ 0, so the repeated index is harmless (``SparseCode.dense``
+    adds rather than overwrites). Building the dense z, a second dense top-k to re-pack it,
+    and a ReLU copy of the pre-activations made BatchTopK train ~6× slower than TopK.
+    """
+    rows, d_sae = pre_acts.shape
+    values, flat = _flat_top_k(pre_acts.reshape(-1), min(k * rows, pre_acts.numel()))
+    if not bool((values > 0).all()):  # fewer than k·B positive: the ReLU zeros are not kept
+        values, flat = values[values > 0], flat[values > 0]
+    row, latent = flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae)
+    row, order = row.sort(stable=True)  # stable: a row's entries keep one order run to run
+    counts = torch.bincount(row, minlength=rows)
+    width = max(1, int(counts.max()))
+    slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+    out_values = pre_acts.new_zeros(rows, width)
+    out_indices = torch.zeros(rows, width, dtype=torch.long, device=pre_acts.device)
+    out_values[row, slot] = values[order]
+    out_indices[row, slot] = latent[order]
+    return SparseCode(out_values, out_indices)
+
+
 @register("batchtopk", BatchTopKConfig)
 class BatchTopKSAE(SparseAutoencoder):
     # Annealing keeps k_now·B entries of the batch (k_now ≥ k). The trainer does not
     # observe those batches: their smallest kept value lies below the k·B-th, and θ must
     # match the final k (see TrainConfig's check that annealing ends before training does).
     supports_k_annealing = True
+    ragged_code = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         # Total weight of the averaged minima (1 − (1 − ema)ⁿ after n steps), for bias correction.
         self.register_buffer("threshold_weight", torch.zeros(()))
-
-    def batch_select(self, pre_acts: Tensor, k: int | None = None) -> Tensor:
-        """Dense z keeping the k·B largest ReLU'd pre-activations of the batch (k: cfg.k)."""
-        acts = pre_acts.relu()
-        flat = acts.flatten()
-        values, indices = flat.topk((k or self.cfg.k) * pre_acts.shape[0], sorted=False)
-        return torch.zeros_like(flat).scatter(0, indices, values).view_as(acts)
 
     @torch.no_grad()
     def observe(self, code: SparseCode) -> None:
@@ -76,7 +117,7 @@ class BatchTopKSAE(SparseAutoencoder):
         """Training: the batch's top k·B (``k`` overrides cfg.k, for annealing). Inference:
         the threshold θ, which has no k, so asking for another k is an error."""
         if self.training:
-            return _rows_to_code(self.batch_select(pre_acts, k))
+            return batch_top_k(pre_acts, k or self.cfg.k)
         if k is not None and k != self.cfg.k:
             raise ValueError(f"a {self.architecture} SAE infers with its threshold θ, not a top-k; "
                              f"k={k} applies only to training batches")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from .base import ForwardResult, SparseCode
@@ -47,10 +48,26 @@ class MatryoshkaSAE(BatchTopKSAE):
         inside = code.indices < width
         return self.decode_sparse(SparseCode(code.values * inside, code.indices))
 
+    def group_sums(self, code: SparseCode) -> Tensor:
+        """[batch, levels, d_in]: each row's decoded contribution of the latents in each
+        level's own group [m_{i−1}, m_i), from the sparse code in one embedding_bag (one bag
+        per row and group), so the nested reconstructions are a cumulative sum over levels
+        instead of one decode per prefix."""
+        rows = code.indices.shape[0]
+        levels = len(self.cfg.prefixes)
+        real = code.values > 0  # padding slots (and latents at 0) add nothing: leave them out
+        row = real.nonzero()[:, 0]
+        indices, values = code.indices[real], code.values[real]
+        group = torch.bucketize(indices, torch.as_tensor(self.cfg.prefixes, device=indices.device), right=True)
+        bag, order = (row * levels + group).sort(stable=True)
+        counts = torch.bincount(bag, minlength=rows * levels)
+        offsets = counts.cumsum(0) - counts
+        sums = torch.nn.functional.embedding_bag(indices[order], self.W_dec, offsets, per_sample_weights=values[order],
+                                                 mode="sum")
+        return sums.view(rows, levels, -1)
+
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
-        losses = []
-        for width in self.cfg.prefixes:
-            x_hat = result.x_hat if width == self.cfg.d_sae else self.prefix_reconstruction(result.code, width)
-            losses.append((x_hat - x).pow(2).sum(-1).mean())
-        total = sum(losses)
-        return total if self.cfg.level_weighting == "sum" else total / len(losses)
+        # x̂ of level i = b_dec + the contributions of groups 0..i (nested prefixes).
+        nested = self.group_sums(result.code).cumsum(1) + self.b_dec
+        losses = (nested - x.unsqueeze(1)).pow(2).sum(-1).mean(0)  # [levels]
+        return losses.sum() if self.cfg.level_weighting == "sum" else losses.mean()

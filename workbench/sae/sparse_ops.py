@@ -28,61 +28,71 @@ import torch
 from torch import Tensor
 
 
-def _row_pattern(indices: Tensor, n_cols: int, values: Tensor | None = None) -> Tensor:
-    """A CSR matrix [B, n_cols] with the k entries of each row at ``indices[b]``."""
-    rows, k = indices.shape
-    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
-    values = values.reshape(-1) if values is not None else indices.new_zeros(rows * k, dtype=torch.float32)
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, indices.reshape(-1), values, size=(rows, n_cols))
+        return torch.sparse_csr_tensor(crow, cols, values, size=(crow.numel() - 1, n_cols))
 
 
-def _column_pattern(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
-    """The transpose of ``_row_pattern(indices, n_cols, values)`` as CSR [n_cols, B]."""
-    rows, k = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # stable: a deterministic sum order per latent
-    counts = torch.bincount(flat, minlength=n_cols)
-    crow = torch.zeros(n_cols + 1, dtype=torch.long, device=indices.device)
+def _column_pattern(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """The transpose of the entries (rows[e], cols[e]) = values[e] as CSR [n_cols, n_rows]."""
+    order = torch.argsort(cols, stable=True)  # stable: a deterministic sum order per latent
+    counts = torch.bincount(cols, minlength=n_cols)
+    crow = torch.zeros(n_cols + 1, dtype=torch.long, device=cols.device)
     crow[1:] = counts.cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, order // k, values.reshape(-1)[order], size=(n_cols, rows))
+        return torch.sparse_csr_tensor(crow, rows[order], values[order], size=(n_cols, n_rows))
 
 
 class _GatheredPreActs(torch.autograd.Function):
+    """Pre-activations at the entries of a CSR pattern (row pointers ``crow``, latents ``cols``)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, crow: Tensor, cols: Tensor) -> Tensor:
         centered = x - b_dec
-        pattern = _row_pattern(indices, W_enc.shape[1]).to(centered.dtype)
-        dots = torch.sparse.sampled_addmm(pattern, centered, W_enc, beta=0.0).values().view(indices.shape)
-        ctx.save_for_backward(centered, W_enc, indices)
-        return dots + b_enc[indices]
+        pattern = _csr(crow, cols, cols.new_zeros(cols.numel(), dtype=centered.dtype), W_enc.shape[1])
+        dots = torch.sparse.sampled_addmm(pattern, centered, W_enc, beta=0.0).values()
+        ctx.save_for_backward(centered, W_enc, crow, cols)
+        return dots + b_enc[cols]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        centered, W_enc, indices = ctx.saved_tensors
+        centered, W_enc, crow, cols = ctx.saved_tensors
         grad_values = grad_values.contiguous()
         d_sae = W_enc.shape[1]
         # Σ_b G[b, m]: the b_enc gradient, and (through −W_enc) the encoder's share of b_dec's.
         per_latent = torch.zeros(d_sae, dtype=grad_values.dtype, device=grad_values.device)
-        per_latent.index_add_(0, indices.reshape(-1), grad_values.reshape(-1))
+        per_latent.index_add_(0, cols, grad_values)
         grad_W_enc = grad_x = None
         if ctx.needs_input_grad[2]:
-            grad_W_enc = (_column_pattern(indices, grad_values, d_sae) @ centered).T  # [d_in, d_sae], column-major
+            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+            transposed = _column_pattern(rows, cols, grad_values, centered.shape[0], d_sae)
+            grad_W_enc = (transposed @ centered).T  # [d_in, d_sae], column-major
         if ctx.needs_input_grad[0]:
-            grad_x = _row_pattern(indices, d_sae, grad_values) @ W_enc.T
+            grad_x = _csr(crow, cols, grad_values, d_sae) @ W_enc.T
         grad_b_dec = -(W_enc @ per_latent) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_dec, grad_W_enc, per_latent, None
+        return grad_x, grad_b_dec, grad_W_enc, per_latent, None, None
+
+
+def gathered_pre_acts_csr(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, crow: Tensor, cols: Tensor) -> Tensor:
+    """``((x − b_dec) W_enc + b_enc)[row, col]`` at the entries of a CSR pattern (row ``b`` owns
+    entries crow[b]..crow[b+1]), flat [nnz], computed and differentiated sparsely. For codes
+    whose rows keep different numbers of latents (BatchTopK), with no padding computed."""
+    if cols.device.type != "cpu":
+        # Measured on CPU only; elsewhere the plain dense form (same values and gradients).
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+        return ((x - b_dec) @ W_enc + b_enc)[rows, cols]
+    return _GatheredPreActs.apply(x, b_dec, W_enc, b_enc, crow, cols)
 
 
 def gathered_pre_acts(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor) -> Tensor:
     """``((x − b_dec) W_enc + b_enc).gather(1, indices)`` computed and differentiated sparsely."""
     if indices.device.type != "cpu":
-        # Measured on CPU only; elsewhere the plain dense form (same values and gradients).
         return ((x - b_dec) @ W_enc + b_enc).gather(1, indices)
-    return _GatheredPreActs.apply(x, b_dec, W_enc, b_enc, indices)
+    rows, k = indices.shape
+    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
+    return gathered_pre_acts_csr(x, b_dec, W_enc, b_enc, crow, indices.reshape(-1)).view(rows, k)
 
 
 def fast_bf16_matmul(device: torch.device) -> bool:
