@@ -262,3 +262,4 @@ def test_flat_top_k_is_exact_also_when_its_sampled_threshold_is_wrong():
         expected = data.topk(1000)
         assert torch.equal(indices.sort().values, expected.indices.sort().values)
         assert torch.equal(data[indices], values)
+        assert (indices.diff() > 0).all()  # positions ascending: a batch's entries come row-major

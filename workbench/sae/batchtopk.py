@@ -39,31 +39,40 @@ def _rows_to_code(z: Tensor) -> SparseCode:
 
 
 def _flat_top_k(flat: Tensor, n: int, sample: int = 65_536) -> tuple[Tensor, Tensor]:
-    """``flat.topk(n, sorted=False)``, exactly, ~4× faster for n ≪ flat.numel().
+    """The n largest entries of ``flat`` (values, positions), positions ascending; ties at the
+    n-th value go to the earliest positions. Exact, and ~4× faster than ``flat.topk(n)``,
+    which runs on one core.
 
-    A top-k over one long vector runs on one core. Instead: a threshold below the n-th
-    largest value, estimated from an evenly strided sample (no random numbers: training
-    stays reproducible) with a 2× margin, keeps ~2n candidates in one parallel pass, and
-    the top-k runs on those. Should fewer than n pass (the estimate was too high), the
-    full top-k runs."""
+    A threshold below the n-th largest value, estimated from an evenly strided sample (no
+    random numbers: training stays reproducible) with a 2× margin, keeps ~2n candidates in
+    one parallel pass; the n-th largest among those is found with ``kthvalue`` and the
+    candidates at or above it kept in place, so no sort is needed (sorting topk's output
+    cost more than the top-k). Should fewer than n pass (the estimate was too high),
+    every entry is a candidate."""
     total = flat.numel()
-    if 4 * n >= total or total <= 4 * sample:
-        return flat.topk(n, sorted=False)
-    stride = (total // sample) | 1  # odd: coprime with a power-of-two width, so every latent is sampled
-    probe = flat[::stride]
-    threshold = probe.kthvalue(max(1, int(probe.numel() * (1 - 2 * n / total)))).values
-    candidates = (flat >= threshold).nonzero().squeeze(1)
-    if candidates.numel() < n:
-        return flat.topk(n, sorted=False)
-    values, chosen = flat[candidates].topk(n, sorted=False)
-    return values, candidates[chosen]
+    candidates = None
+    if 4 * n < total and total > 4 * sample:
+        stride = (total // sample) | 1  # odd: coprime with a power-of-two width, so every latent is sampled
+        probe = flat[::stride]
+        threshold = probe.kthvalue(max(1, int(probe.numel() * (1 - 2 * n / total)))).values
+        candidates = (flat >= threshold).nonzero().squeeze(1)
+        if candidates.numel() < n:
+            candidates = None
+    if candidates is None:
+        candidates = torch.arange(total, device=flat.device)
+    values = flat[candidates]
+    nth = values.kthvalue(values.numel() - n + 1).values  # the n-th largest
+    keep = values > nth
+    ties = values == nth
+    keep |= ties & (ties.cumsum(0) <= n - keep.sum())
+    return values[keep], candidates[keep]
 
 
 def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
     """The k·B largest ReLU'd entries of the batch, as a padded code, without a dense z.
 
-    One top-k over the flattened batch picks the entries; they are grouped by row (a sort
-    of k·B indices) into [B, w] slots, w the most any row got. The rest of a row's slots
+    One top-k over the flattened batch picks the entries, in row-major order, so they fall
+    into [B, w] slots by a count per row, w the most any row got. The rest of a row's slots
     are padding, value 0 at latent 0: zeros add nothing to a decode, and every consumer of
     a training code skips values ≤ 0, so the repeated index is harmless (``SparseCode.dense``
     adds rather than overwrites). Building the dense z, a second dense top-k to re-pack it,
@@ -74,14 +83,13 @@ def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
     if not bool((values > 0).all()):  # fewer than k·B positive: the ReLU zeros are not kept
         values, flat = values[values > 0], flat[values > 0]
     row, latent = flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae)
-    row, order = row.sort(stable=True)  # stable: a row's entries keep one order run to run
     counts = torch.bincount(row, minlength=rows)
     width = max(1, int(counts.max()))
     slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
     out_values = pre_acts.new_zeros(rows, width)
     out_indices = torch.zeros(rows, width, dtype=torch.long, device=pre_acts.device)
-    out_values[row, slot] = values[order]
-    out_indices[row, slot] = latent[order]
+    out_values[row, slot] = values
+    out_indices[row, slot] = latent
     return SparseCode(out_values, out_indices)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from .base import ForwardResult, SparseCode
 from .base import register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .sparse_ops import stable_argsort
 
 
 @dataclasses.dataclass
@@ -59,7 +60,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         row = real.nonzero()[:, 0]
         indices, values = code.indices[real], code.values[real]
         group = torch.bucketize(indices, torch.as_tensor(self.cfg.prefixes, device=indices.device), right=True)
-        bag, order = (row * levels + group).sort(stable=True)
+        order = stable_argsort(row * levels + group)
+        bag = (row * levels + group)[order]
         counts = torch.bincount(bag, minlength=rows * levels)
         offsets = counts.cumsum(0) - counts
         sums = torch.nn.functional.embedding_bag(indices[order], self.W_dec, offsets, per_sample_weights=values[order],
