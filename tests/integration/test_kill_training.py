@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from workbench.sae import ARCHITECTURES
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 11  # checkpoints every 2 steps: the last at step 10, so a kill in the final save redoes one step
 
@@ -159,7 +161,7 @@ def _kill_in_turn(tmp_path: Path, run_dir: Path, kills, rng: random.Random) -> l
 
 def _assert_same_as_reference(tmp_path: Path, run_dir: Path, name: str) -> None:
     expected, got = load_file(str(tmp_path / "reference.safetensors")), load_file(str(tmp_path / f"{name}.safetensors"))
-    assert expected.keys() == got.keys() and len({key.split(".")[0] for key in got}) == 5
+    assert expected.keys() == got.keys() and len({key.split(".")[0] for key in got}) == len(ARCHITECTURES)
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{run_dir.name}: {key}"
     reference = tmp_path / "reference"
@@ -183,7 +185,7 @@ def test_a_sweep_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path):
     _, after_save_kill = _kill_in_turn(tmp_path, tmp_path / "finishing", KILLED_FINISHING, rng)
     # The rerun after the kill in the final save resumed from the checkpoints of step 10:
     # one step per SAE, not a restart from step 0.
-    assert sum(line.startswith("step ") for line in after_save_kill) == 5
+    assert sum(line.startswith("step ") for line in after_save_kill) == len(ARCHITECTURES)
     done = _run(tmp_path, tmp_path / "finishing", "finishing-done")
     assert not any(line.startswith("step ") for line in done)  # found finished: loaded, not trained
     _assert_same_as_reference(tmp_path, tmp_path / "finishing", "finishing-done")

@@ -229,11 +229,10 @@ def env(tmp_path_factory):
                 (path / "cfg.json").write_text(json.dumps(cfg))
         return make
 
-    def per_latent(path):
-        theirs = _sae_lens("jumprelu")
-        with torch.no_grad():
-            theirs.threshold.copy_(torch.linspace(0, 1, D_SAE))
-        theirs.save_model(path)
+    def gated(path):
+        from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
+
+        GatedSAE(GatedSAEConfig(d_in=D_IN, d_sae=D_SAE)).save_model(path)
 
     folders = dict(
         no_weights=folder("no_weights", ours(drop_weights=True)),
@@ -244,7 +243,7 @@ def env(tmp_path_factory):
         no_cfg=folder("no_cfg", lambda p: None),
         sae_lens_arch_typo=folder("sae_lens_arch_typo", sae_lens(lambda c: c.update(architecture="jumprelux"))),
         unscaled=folder("unscaled", sae_lens(normalize_activations="expected_average_only_in")),
-        per_latent=folder("per_latent", per_latent),
+        gated=folder("gated", gated),
         head_index=folder("head_index", sae_lens(lambda c: c["metadata"].update(hook_head_index=2), hook=HOOK_Z)),
     )
     cache = SimpleNamespace(hooks=[RESID], d=lambda hook: 32, batches=None)  # compare_saes checks before reading
@@ -298,8 +297,8 @@ BAD_INPUTS = [
     # 14. SAELens fields that cannot be honoured are refused, not ignored
     ("load SAELens unscaled expected_average_only_in", lambda e: saes.load(e.folders["unscaled"]), ValueError,
      "holds no activation_scaler.json with the scaling factor"),
-    ("load SAELens per-latent thresholds", lambda e: saes.load(e.folders["per_latent"]), ValueError,
-     "per-latent thresholds"),
+    ("load SAELens gated", lambda e: saes.load(e.folders["gated"]), ValueError,
+     "architecture 'gated' has no workbench equivalent"),
     ("load SAELens hook_head_index", lambda e: saes.load(e.folders["head_index"]), ValueError, "hook_head_index=2"),
     # 15. an SAE hooked into a model at a hook that does not fit it
     ("downstream d_in mismatch", lambda e: downstream_metrics(e.model, e.wide, e.tokens), ValueError,

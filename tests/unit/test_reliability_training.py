@@ -97,12 +97,13 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_a_sweep_killed_between_two_folders_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     data = _pairs()
     straight = train_saes(_configs(), data, run_dir=tmp_path / "a", progress=False)
-    # Checkpoints at steps 2, 4, 6 (five files each): the 14th write is the 4th SAE's at
-    # step 6, so SAEs 0-2 are left at step 6 and SAEs 3-4 at step 4.
-    with _killed_at(monkeypatch, "checkpoint.safetensors", 14):
+    # Checkpoints at steps 2, 4, 6 (one file per SAE each): the (2n + 4)th write is the 4th
+    # SAE's at step 6, so SAEs 0-2 are left at step 6 and the others at step 4.
+    n = len(ARCHITECTURES)
+    with _killed_at(monkeypatch, "checkpoint.safetensors", 2 * n + 4):
         train_saes(_configs(), data, run_dir=tmp_path / "b", progress=False)
-    folders = sorted((tmp_path / "b").iterdir())
-    assert [int(load_file(f / "checkpoint.safetensors")["counters"][0]) for f in folders] == [6, 6, 6, 4, 4]
+    folders = sorted((tmp_path / "b").iterdir(), key=lambda f: int(f.name.split("-")[0]))
+    assert [int(load_file(f / "checkpoint.safetensors")["counters"][0]) for f in folders] == [6, 6, 6] + [4] * (n - 3)
     resumed = train_saes(_configs(), data, run_dir=tmp_path / "b", progress=False)
     _assert_identical(straight, resumed)
     assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")  # the same steps and the same logged curve
@@ -110,7 +111,7 @@ def test_a_sweep_killed_between_two_folders_resumes_to_the_uninterrupted_result(
 
 def test_a_resume_given_less_data_than_its_checkpoints_is_refused(tmp_path, monkeypatch):
     data = _pairs()
-    with _killed_at(monkeypatch, "checkpoint.safetensors", 14):
+    with _killed_at(monkeypatch, "checkpoint.safetensors", 2 * len(ARCHITECTURES) + 4):  # 3 SAEs at step 6
         train_saes(_configs(), iter(data), run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"(?s)data ended after 4 batches.*step 6.*not the data the run started with"):
         train_saes(_configs(), iter(data[:4]), run_dir=tmp_path, progress=False)

@@ -22,8 +22,8 @@ def _inputs():
     return torch.randn(BATCH, D_IN, generator=generator), torch.randn(BATCH, D_IN, generator=generator)
 
 
-def test_all_five_are_registered():
-    assert set(ARCHS) == {"topk", "batchtopk", "matryoshka", "gradient", "hierarchical"}
+def test_all_are_registered():
+    assert set(ARCHS) == {"topk", "batchtopk", "matryoshka", "gradient", "hierarchical", "relu", "jumprelu"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -68,7 +68,9 @@ def test_training_forward_matches_forward_with_its_gradients(arch):
         result = sae.forward_train(x, torch.float32, g=g) if sparse else sae(x, g=g)
         sae.reconstruction_loss(x, result).backward()
         results.append(result)
-        grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
+        # (JumpReLU's θ learns only through its estimator, which the reference forward lacks:
+        # test_jumprelu_gradients_equal_sae_lens_straight_through_estimators checks it.)
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
     dense, sparse = results
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse.code.dense(D_SAE), dense.code.dense(D_SAE), rtol=1e-5, atol=1e-5)
@@ -173,8 +175,10 @@ def test_a_loaded_sae_infers_per_row_and_evaluating_it_changes_nothing(arch, for
 
     sae = _make(arch)
     if hasattr(sae, "threshold"):  # a trained θ, so the threshold rule keeps some latents but not all
-        sae.threshold.fill_(0.5)
-        sae.threshold_weight.fill_(1.0)
+        with torch.no_grad():
+            sae.threshold.fill_(0.5)
+        if hasattr(sae, "threshold_weight"):
+            sae.threshold_weight.fill_(1.0)
     sae.save(tmp_path) if form == "ours" else export_sae_lens(sae.eval(), tmp_path)
     loaded = saes.load(tmp_path)
     assert not loaded.training
@@ -206,8 +210,8 @@ def test_decoder_rows_start_unit_norm_and_folding_keeps_outputs(arch):
 def test_bad_configs_are_explained():
     with pytest.raises(ValueError, match="exceeds d_sae"):
         saes.create("topk", 8, 4, 5)
-    with pytest.raises(ValueError, match="unknown architecture 'relu'"):
-        saes.create("relu", 8, 16, 2)
+    with pytest.raises(ValueError, match="unknown architecture 'rellu'.*Did you mean 'relu'"):
+        saes.create("rellu", 8, 16, 2)
     with pytest.raises(ValueError, match="beta must be non-negative"):
         saes.create("gradient", 8, 16, 2, beta=-1.0)
 
@@ -263,3 +267,80 @@ def test_flat_top_k_is_exact_also_when_its_sampled_threshold_is_wrong():
         assert torch.equal(indices.sort().values, expected.indices.sort().values)
         assert torch.equal(data[indices], values)
         assert (indices.diff() > 0).all()  # positions ascending: a batch's entries come row-major
+
+
+@pytest.mark.parametrize("target_l0", [None, 6.0])
+def test_jumprelu_gradients_equal_sae_lens_straight_through_estimators(target_l0):
+    """Our sparse JumpReLU step (estimator gradients from the kernel window only) gives the
+    gradients of a dense reference built from SAELens' own JumpReLU and Step autograd
+    functions (the paper's pseudo-derivatives), for every parameter, θ included."""
+    from sae_lens.saes.jumprelu_sae import JumpReLU, Step
+
+    bandwidth, lam = 0.4, 0.01  # a wide kernel, so many entries fall in its window
+    x, _ = _inputs()
+    sae = _make("jumprelu", bandwidth=bandwidth, l0_coefficient=lam, target_l0=target_l0, sparsity_warmup=0.0).train()
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) + 0.2)
+    result = sae.forward_train(x, torch.float32)
+    loss = sae.reconstruction_loss(x, result) + sae.sparsity_loss(x, result, torch.tensor(1.0), 1.0)
+    loss.backward()
+    ours = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    assert int(sae._window[0].numel()) > 50  # the window is not empty: θ's gradient is really tested
+
+    sae.zero_grad()
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    z = JumpReLU.apply(pre, sae.threshold, bandwidth, False)
+    l0 = Step.apply(pre, sae.threshold, bandwidth, False).sum(-1)
+    penalty = 2 / target_l0 * (l0 - target_l0).pow(2) if target_l0 else l0
+    reference = (z @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean() + lam * penalty.mean()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    reference.backward()
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_relu_l1_penalty_is_weighted_by_decoder_norms_and_warms_up():
+    sae = _make("relu", l1_coefficient=0.5, l1_warmup=0.1).train()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])  # the update leaves decoder norms free
+    x, _ = _inputs()
+    result = sae.forward_train(x, torch.float32)
+    z = sae.encode(x)
+    expected = (z * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    scale = torch.tensor(2.0)
+    torch.testing.assert_close(sae.sparsity_loss(x, result, scale, 1.0), 0.5 * expected / 2.0)
+    torch.testing.assert_close(sae.sparsity_loss(x, result, scale, 0.05), 0.25 * expected / 2.0)  # half-way up
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_penalty_trained_saes_refuse_a_k(arch):
+    sae = _make(arch).eval()
+    x, _ = _inputs()
+    with pytest.raises(ValueError, match="has no top-k"):
+        sae.encode(x, k=2)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_sae_lens_standard_and_jumprelu_open_as_ours(arch, tmp_path):
+    """A SAELens ``standard`` SAE opens as relu, a ``jumprelu`` one with per-latent thresholds
+    and decoder rows of any norm as jumprelu (norms folded in), both encoding and
+    reconstructing exactly as SAELens does."""
+    from sae_lens import SAE
+
+    from workbench.sae.interop import export_sae_lens
+
+    sae = _make(arch).eval()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)))
+    export_sae_lens(sae, tmp_path)
+    theirs = SAE.load_from_disk(str(tmp_path), device="cpu")
+    ours = saes.load(tmp_path)
+    assert ours.architecture == arch
+    x, _ = _inputs()
+    assert 0 < int((theirs.encode(x) != 0).sum()) < x.shape[0] * D_SAE
+    torch.testing.assert_close(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.encode(x) != 0, theirs.encode(x) != 0)
+    if arch == "jumprelu":
+        torch.testing.assert_close(ours.W_dec.norm(dim=1), torch.ones(D_SAE))

@@ -53,9 +53,10 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
     k: int
-    """Active latents per token (for BatchTopK: on average over the batch)."""
+    """Active latents per token (for BatchTopK: on average over the batch; unused by relu and jumprelu,
+    whose L0 comes from their sparsity penalty)."""
     architecture: str = "topk"
-    """Registered architecture name: topk, batchtopk, matryoshka, gradient, hierarchical."""
+    """Registered architecture name: topk, batchtopk, matryoshka, gradient, hierarchical, relu, jumprelu."""
     hook_name: str = ""
     """TransformerLens hook it was trained on (metadata, used by exports and splicing)."""
     model_name: str = ""
@@ -110,6 +111,27 @@ class SparseCode(NamedTuple):
         # Added, not scattered: a padding slot (value 0) may repeat a latent of its row.
         z = self.values.new_zeros(self.values.shape[0], d_sae)
         return z.scatter_add(1, self.indices, self.values)
+
+    @classmethod
+    def from_entries(cls, rows: int, row: Tensor, latent: Tensor, values: Tensor) -> "SparseCode":
+        """Entries (row[e], latent[e]) = values[e], given in row-major order, as a padded code
+        of [rows, w] slots, w the most any row holds. The rest of a row's slots are padding,
+        value 0 at latent 0: zeros add nothing to a decode, and every consumer of a code skips
+        values ≤ 0, so the repeated index is harmless (``dense`` adds rather than overwrites)."""
+        counts = torch.bincount(row, minlength=rows)
+        width = max(1, int(counts.max())) if row.numel() else 1
+        slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+        out_values = values.new_zeros(rows, width)
+        out_indices = torch.zeros(rows, width, dtype=torch.long, device=values.device)
+        out_values[row, slot] = values
+        out_indices[row, slot] = latent
+        return cls(out_values, out_indices)
+
+    @classmethod
+    def from_dense(cls, z: Float[Tensor, "batch d_sae"]) -> "SparseCode":
+        """The nonzero entries of a dense code (a varying number per row) as a padded code."""
+        row, latent = (z != 0).nonzero(as_tuple=True)  # row-major
+        return cls.from_entries(z.shape[0], row, latent, z[row, latent])
 
 
 class ForwardResult(NamedTuple):
@@ -175,6 +197,32 @@ class SparseAutoencoder(nn.Module):
     silently trained at fixed k) makes TrainConfig reject k_anneal_tokens, giving
     ``no_k_annealing_because`` as the reason."""
     no_k_annealing_because: ClassVar[str] = "its select takes no k to anneal"
+
+    uses_aux_k: ClassVar[bool] = True
+    """Whether the trainer adds the AuxK loss for dead latents (Gao et al. 2024 §A.2): the
+    TopK family's remedy. SAEs whose sparsity comes from a penalty (L1, L0) train without it."""
+
+    unit_norm_decoder: ClassVar[bool] = True
+    """Whether the trainer keeps decoder rows at unit norm (removing the gradient along each
+    row, then renormalising after the step). False for SAEs whose penalty is weighted by the
+    decoder norms instead (Anthropic's 2024 ReLU-L1 update)."""
+
+    # --- the training hooks an architecture may override (the trainer calls them) -----------
+    def prepare(self, rows: Float[Tensor, "batch d_in"]) -> None:
+        """Called once before training, after b_dec is initialised, with rows of the first
+        batch: an architecture whose settings are in units of the data's scale sets them here."""
+
+    def sparsity_loss(self, x: Tensor, result: ForwardResult, scale: Tensor, progress: float) -> Tensor | None:
+        """The architecture's sparsity penalty for this training batch, or None (TopK-style
+        SAEs are sparse by construction). ``scale`` is √(Σ‖x − x̄‖²/B), the batch's RMS
+        distance from its mean: the trainer divides the reconstruction loss by scale², so a
+        penalty in x's units divides by scale (and one on counts by nothing), and its
+        coefficient then means the same whatever the activations' magnitude. ``progress`` is
+        the fraction of training done (1.0 when the run length is unknown), for warm-ups."""
+        return None
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (JumpReLU keeps its thresholds non-negative here)."""
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
         """Sum over dimensions, mean over rows, of ‖x − x̂‖² (the TopK paper's MSE, unnormalised)."""

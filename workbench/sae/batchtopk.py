@@ -31,13 +31,6 @@ class BatchTopKConfig(SAEConfig):
     so little smoothing is needed)."""
 
 
-def _rows_to_code(z: Tensor) -> SparseCode:
-    """A dense code with a varying number of nonzeros per row as a padded SparseCode."""
-    width = max(1, int((z > 0).sum(-1).max()))
-    values, indices = z.topk(width, dim=-1, sorted=False)
-    return SparseCode(values, indices)
-
-
 def _flat_top_k(flat: Tensor, n: int, sample: int = 65_536) -> tuple[Tensor, Tensor]:
     """The n largest entries of ``flat`` (values, positions), positions ascending; ties at the
     n-th value go to the earliest positions. Exact, and ~4× faster than ``flat.topk(n)``,
@@ -72,25 +65,15 @@ def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
     """The k·B largest ReLU'd entries of the batch, as a padded code, without a dense z.
 
     One top-k over the flattened batch picks the entries, in row-major order, so they fall
-    into [B, w] slots by a count per row, w the most any row got. The rest of a row's slots
-    are padding, value 0 at latent 0: zeros add nothing to a decode, and every consumer of
-    a training code skips values ≤ 0, so the repeated index is harmless (``SparseCode.dense``
-    adds rather than overwrites). Building the dense z, a second dense top-k to re-pack it,
-    and a ReLU copy of the pre-activations made BatchTopK train ~6× slower than TopK.
+    into a row's slots by a count per row (``SparseCode.from_entries``). Building the dense z,
+    a second dense top-k to re-pack it, and a ReLU copy of the pre-activations made BatchTopK
+    train ~6× slower than TopK.
     """
     rows, d_sae = pre_acts.shape
     values, flat = _flat_top_k(pre_acts.reshape(-1), min(k * rows, pre_acts.numel()))
     if not bool((values > 0).all()):  # fewer than k·B positive: the ReLU zeros are not kept
         values, flat = values[values > 0], flat[values > 0]
-    row, latent = flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae)
-    counts = torch.bincount(row, minlength=rows)
-    width = max(1, int(counts.max()))
-    slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
-    out_values = pre_acts.new_zeros(rows, width)
-    out_indices = torch.zeros(rows, width, dtype=torch.long, device=pre_acts.device)
-    out_values[row, slot] = values
-    out_indices[row, slot] = latent
-    return SparseCode(out_values, out_indices)
+    return SparseCode.from_entries(rows, flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae), values)
 
 
 @register("batchtopk", BatchTopKConfig)
@@ -129,4 +112,4 @@ class BatchTopKSAE(SparseAutoencoder):
         if k is not None and k != self.cfg.k:
             raise ValueError(f"a {self.architecture} SAE infers with its threshold θ, not a top-k; "
                              f"k={k} applies only to training batches")
-        return _rows_to_code(pre_acts * (pre_acts > self.threshold))
+        return SparseCode.from_dense(pre_acts * (pre_acts > self.threshold))

@@ -10,6 +10,8 @@ input), so only the inference rule has to be mapped:
 | topk, hierarchical (full k)   | ``topk`` with the same k                            |
 | gradient (no g at inference)  | ``topk`` with the same k                            |
 | batchtopk, matryoshka         | ``jumprelu`` with every threshold = the EMA θ       |
+| jumprelu                      | ``jumprelu`` with its per-latent thresholds         |
+| relu (ReLU-L1)                | ``standard``                                        |
 
 Opening a SAELens folder honours every config field that changes the encoding (sae_lens
 6.54, ``saes/sae.py`` and ``saes/topk_sae.py``), by folding it into the weights where it is
@@ -25,6 +27,11 @@ linear and carrying it in our config where it is per input:
 | reshape_activations=hook_z                     | cfg.reshape_activations                        |
 | apply_b_dec_to_input=False                     | folded: b_enc += b_dec W_enc                   |
 | hook_head_index set (one head of hook_z)       | refused: workbench SAEs read whole hooks       |
+
+Their architectures open as: ``topk`` → topk; ``standard`` → relu; ``jumprelu`` with one
+threshold shared by every latent (how BatchTopK SAEs are exported) → batchtopk, with
+per-latent thresholds → jumprelu (decoder norms folded in, thresholds scaled with them, so
+the rows are unit-norm as our JumpReLU trainer keeps them).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ SCALER_FILE = "activation_scaler.json"  # sae_lens.constants.ACTIVATION_SCALER_C
 
 TOPK_LIKE = ("topk", "hierarchical", "gradient")
 THRESHOLD_LIKE = ("batchtopk", "matryoshka")
-SUPPORTED = ("topk", "jumprelu")  # SAELens architectures that open as one of ours
+SUPPORTED = ("topk", "jumprelu", "standard")  # SAELens architectures that open as one of ours
 
 
 def _metadata(sae: SparseAutoencoder):
@@ -52,6 +59,7 @@ def _metadata(sae: SparseAutoencoder):
 def to_sae_lens(sae: SparseAutoencoder):
     """The equivalent SAELens SAE object (inference form)."""
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
     common = dict(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype="float32", device="cpu",
@@ -63,6 +71,11 @@ def to_sae_lens(sae: SparseAutoencoder):
     elif sae.architecture in THRESHOLD_LIKE:
         target = JumpReLUSAE(JumpReLUSAEConfig(**common))
         weights["threshold"] = sae.threshold.detach().float().cpu().expand(sae.cfg.d_sae).clone()
+    elif sae.architecture == "jumprelu":
+        target = JumpReLUSAE(JumpReLUSAEConfig(**common))
+        weights["threshold"] = sae.threshold.detach().float().cpu().clone()
+    elif sae.architecture == "relu":
+        target = StandardSAE(StandardSAEConfig(**common))
     else:
         raise ValueError(f"no SAELens inference form for architecture {sae.architecture!r}")
     target.load_state_dict(weights)
@@ -78,10 +91,10 @@ def export_sae_lens(sae: SparseAutoencoder, folder: str | Path) -> Path:
 
 
 def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
-    """Open a SAELens SAE folder as one of ours: ``topk`` as TopK, ``jumprelu`` with a single
-    threshold as BatchTopK (its inference form; the training k is not recorded there, so
-    k is set to 1, which matters only if training continues); other SAELens
-    architectures are refused. Encodings and reconstructions equal SAELens' own (see the
+    """Open a SAELens SAE folder as one of ours: ``topk`` as TopK, ``standard`` as ReLU,
+    ``jumprelu`` with per-latent thresholds as JumpReLU and with a single threshold as
+    BatchTopK (its inference form; the training k is not recorded there, so k is set to 1,
+    which matters only if training continues); other SAELens architectures are refused. Encodings and reconstructions equal SAELens' own (see the
     table above for how each config field is carried)."""
     import sae_lens
     from sae_lens import SAE
@@ -99,15 +112,17 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
         raise ValueError(f"{folder}: sae_lens {sae_lens.__version__} cannot open this SAELens folder "
                          f"({type(err).__name__}: {err}).{known}") from err
     cfg, arch = theirs.cfg, theirs.cfg.architecture()
-    if arch not in SUPPORTED or (arch == "jumprelu" and torch.unique(theirs.threshold).numel() != 1):
-        raise ValueError(f"{folder}: SAELens architecture {arch!r}{' with per-latent thresholds' if arch == 'jumprelu' else ''} "
-                         f"has no workbench equivalent (workbench opens {SUPPORTED}, jumprelu with one shared "
-                         "threshold); use it through sae_lens directly")
+    if arch not in SUPPORTED:
+        raise ValueError(f"{folder}: SAELens architecture {arch!r} has no workbench equivalent (workbench opens "
+                         f"{SUPPORTED}); use it through sae_lens directly")
+    shared_threshold = arch == "jumprelu" and torch.unique(theirs.threshold).numel() == 1
     meta = cfg.metadata
     if getattr(meta, "hook_head_index", None) is not None:
         raise ValueError(f"{folder}: this SAE reads one attention head (hook_head_index={meta.hook_head_index}) of "
                          f"{meta.hook_name}; workbench SAEs read whole hooks. Use it through sae_lens directly")
     with torch.no_grad():
+        if arch == "jumprelu" and not shared_threshold:
+            theirs.fold_W_dec_norm()  # SAELens' own: unit decoder rows, encoder and θ scaled by the norms
         if getattr(cfg, "rescale_acts_by_decoder_norm", False):
             # z = TopK(pre · ‖W_dec,i‖), x̂ = Σ z_i W_dec,i/‖W_dec,i‖ + b_dec: the same SAE with
             # unit decoder rows and encoder columns scaled by the norms, which is what SAELens'
@@ -120,6 +135,12 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
                 normalize_activations=cfg.normalize_activations, reshape_activations=cfg.reshape_activations)
     if arch == "topk":
         ours = create("topk", cfg.d_in, cfg.d_sae, cfg.k, **info)
+    elif arch == "standard":
+        ours = create("relu", cfg.d_in, cfg.d_sae, 1, **info)
+    elif not shared_threshold:
+        ours = create("jumprelu", cfg.d_in, cfg.d_sae, 1, **info)
+        with torch.no_grad():  # SAELens: ReLU(pre)·1[pre > θ], ours pre·1[pre > θ]: equal once θ ≥ 0
+            ours.threshold.copy_(theirs.threshold.float().clamp_min(0))
     else:
         ours = create("batchtopk", cfg.d_in, cfg.d_sae, 1, **info)
         # SAELens: z = ReLU(pre) · 1[pre > θ] = pre · 1[pre > max(θ, 0)], our threshold rule.

@@ -144,6 +144,7 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
                           model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
         if init_rows.shape[0]:
             _init_b_dec(sae, init_rows[: cfg.init_samples], cfg.b_dec_init)
+            sae.prepare(init_rows[: cfg.init_samples])
         _broadcast_from_rank_zero(sae)
         trainers.append(SAETrainer(sae, cfg))
     names = run.names if run else [f"{i}-{c.architecture}" for i, c in enumerate(configs)]

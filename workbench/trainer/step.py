@@ -29,6 +29,8 @@ class StepStats:
     dead_fraction: float
     lr: float
     k: int
+    sparsity_loss: float = 0.0
+    """The architecture's own penalty (L1, L0), as added to the loss; 0 for the TopK family."""
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -83,6 +85,12 @@ class SAETrainer:
             if self.step_count >= decay_start:
                 return lr * max(0.0, (total - self.step_count) / (total - decay_start))
         return lr
+
+    def progress(self) -> float:
+        """Fraction of training done (by steps), for the architectures' penalty warm-ups; 1.0
+        when the run length is unknown (total_tokens=None), so no warm-up applies then."""
+        total = self.cfg.total_steps()
+        return min(1.0, self.step_count / total) if total else 1.0
 
     def k_now(self) -> int:
         """Linearly annealed k (from k_start down to k over k_anneal_tokens), else k."""
@@ -143,12 +151,14 @@ class SAETrainer:
         # depend on the activations' scale.
         variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         recon = sae.reconstruction_loss(x, result) / variance
-        aux = self.aux_loss(x, result.x_hat, result.pre_acts) / variance
-        loss = recon + cfg.aux_alpha * aux
+        aux = self.aux_loss(x, result.x_hat, result.pre_acts) / variance if sae.uses_aux_k else x.new_zeros(())
+        penalty = sae.sparsity_loss(x, result, variance.sqrt(), self.progress())
+        loss = recon + cfg.aux_alpha * aux + (penalty if penalty is not None else 0.0)
         sae.zero_grad(set_to_none=True)  # the module: its W_enc is not the tensor Adam holds
         loss.backward()
         self._average_gradients_across_ranks()
-        self._remove_parallel_decoder_grad()
+        if sae.unit_norm_decoder:
+            self._remove_parallel_decoder_grad()
         if cfg.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         else:
@@ -174,8 +184,10 @@ class SAETrainer:
             if alias is not param:
                 alias.grad = None if param.grad is None else param.grad.T
         self.optimizer.step()
+        sae.after_step()
         with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if sae.unit_norm_decoder:
+                sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
             fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
             fired[result.code.indices[result.code.values > 0]] = True
             fired = self._sync_across_ranks(fired)
@@ -185,7 +197,8 @@ class SAETrainer:
             l0 = float((result.code.values > 0).sum(-1).float().mean())
         self.step_count += 1
         self.tokens_seen += x.shape[0] * world
-        return StepStats(float(loss.detach()), fvu, l0, float(aux.detach()), float((self.tokens_since_fired >= self.dead_tokens).float().mean()), lr, k)
+        return StepStats(float(loss.detach()), fvu, l0, float(aux.detach()), float((self.tokens_since_fired >= self.dead_tokens).float().mean()), lr, k,
+                         0.0 if penalty is None else float(penalty.detach()))
 
     @torch.no_grad()
     def _remove_parallel_decoder_grad(self) -> None:
