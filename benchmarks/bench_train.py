@@ -47,7 +47,15 @@ LIBRARIES = ("workbench", "workbench-fp32", "sae_lens", "sparsify")
 # The BatchTopK family against SAELens's own, at the first size (batch selection: each row's
 # latent count varies around k; Matryoshka adds nested prefix losses on the same code).
 FAMILY = ("workbench-batchtopk", "workbench-matryoshka", "sae_lens-batchtopk", "sae_lens-matryoshka")
-WORKERS = LIBRARIES + FAMILY
+# SAEs sparse by a penalty, against SAELens's own trainers, at the first size. Both libraries
+# optimise the same objective: SAELens's loss is Σ‖x − x̂‖² + λ_SL·penalty, ours divides the
+# reconstruction by the data's variance V (and an L1 by √V), so λ_SL = λ·√V (L1) or λ·V (L0);
+# JumpReLU's bandwidth and initial threshold are ours times the data's scale √V. ReLU-L1 at
+# one λ; JumpReLU with the quadratic penalty around L0 = 32, so both land near TopK's L0.
+PENALTY = ("workbench-relu", "workbench-jumprelu", "sae_lens-relu", "sae_lens-jumprelu")
+RELU_L1 = 0.1
+JUMPRELU = dict(target_l0=float(K), target_l0_coefficient=1e-2)
+WORKERS = LIBRARIES + FAMILY + PENALTY
 
 
 def prefixes(d_sae: int) -> list[int]:
@@ -74,14 +82,20 @@ def _batches(x: torch.Tensor):
         yield x[start:start + BATCH]
 
 
+def _sae_kwargs(architecture: str, d_sae: int) -> dict:
+    return {"matryoshka": {"prefixes": prefixes(d_sae)}, "relu": {"l1_coefficient": RELU_L1},
+            "jumprelu": JUMPRELU}.get(architecture, {})
+
+
 def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: str = "topk"):
     from workbench.trainer import TrainConfig, train_sae
 
     cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
-                      selection_precision=precision, device="cpu",
-                      sae_kwargs={"prefixes": prefixes(d_sae)} if architecture == "matryoshka" else {})
+                      selection_precision=precision, device="cpu", sae_kwargs=_sae_kwargs(architecture, d_sae))
     sae = train_sae(cfg, _batches(x), progress=False)
-    if architecture == "topk":
+    if architecture in ("relu", "jumprelu"):
+        _LAST["sae"] = sae.eval()
+    if architecture in ("topk", "relu", "jumprelu"):
         sae.eval()
         return lambda rows: sae(rows).x_hat
     # The batch rule on held-out batches of BATCH rows, as SAELens's training SAE applies it
@@ -95,8 +109,19 @@ def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk"):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    variance = float((x - x.mean(0)).pow(2).sum(-1).mean())  # V of the comment at PENALTY
     if architecture == "topk":
         sae = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=K, device="cpu"))
+    elif architecture == "relu":
+        sae = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(
+            d_in=x.shape[1], d_sae=d_sae, device="cpu", l1_coefficient=RELU_L1 * variance ** 0.5,
+            l1_warm_up_steps=x.shape[0] // BATCH // 20))  # our 5% warm-up
+    elif architecture == "jumprelu":
+        sae = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
+            d_in=x.shape[1], d_sae=d_sae, device="cpu", jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=JUMPRELU["target_l0"], l0_coefficient=JUMPRELU["target_l0_coefficient"] * variance,
+            jumprelu_bandwidth=1e-3 * variance ** 0.5, jumprelu_init_threshold=1e-3 * variance ** 0.5,
+            l0_warm_up_steps=x.shape[0] // BATCH // 20))
     elif architecture == "batchtopk":
         sae = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=K,
                                                                                 device="cpu"))
@@ -109,6 +134,8 @@ def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk"):
     trainer = SAETrainer(cfg, sae, data_provider=_batches(x))
     trainer.fit()
     sae.eval()
+    if architecture in ("relu", "jumprelu"):
+        _LAST["sae"] = sae
     return lambda rows: sae(rows)
 
 
@@ -147,7 +174,7 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
     baseline = _status_kib("VmRSS")
     _reset_peak_rss()
     started = time.perf_counter()
-    architecture = library.split("-")[1] if library.endswith(("batchtopk", "matryoshka")) else "topk"
+    architecture = library.split("-")[1] if library in FAMILY + PENALTY else "topk"
     if library.startswith("workbench"):
         reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto", architecture)
     elif library.startswith("sae_lens"):
@@ -163,7 +190,20 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
             err += float((reconstruct(rows).double() - rows.double()).pow(2).sum())
             total += float((rows.double() - mean).pow(2).sum())
     return {"library": library, "tokens_per_s": train.shape[0] / seconds, "seconds": seconds,
-            "peak_mib": (peak - baseline) / 1024, "fvu": err / total}
+            "peak_mib": (peak - baseline) / 1024, "fvu": err / total, "l0": _held_out_l0(library, held_out)}
+
+
+def _held_out_l0(library: str, held_out: torch.Tensor) -> float | None:
+    """Mean active latents per held-out row, for SAEs whose L0 is not fixed by k (recorded by
+    the last SAE trained in this process)."""
+    sae = _LAST.get("sae")
+    if sae is None:
+        return None
+    with torch.no_grad():
+        return float(torch.cat([(sae.encode(rows) != 0).sum(-1) for rows in held_out.split(4096)]).float().mean())
+
+
+_LAST: dict = {}
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -179,7 +219,8 @@ def matmul_ceiling(d_in: int, d_sae: int, dtype: torch.dtype) -> float:
     return 2 * BATCH * d_in * d_sae / best / 1e9
 
 
-def run_size(d_in: int, d_sae: int, tokens: int, folder: Path, family: bool = False) -> list[dict]:
+def run_size(d_in: int, d_sae: int, tokens: int, folder: Path, family: bool = False,
+             only: tuple[str, ...] | None = None) -> list[dict]:
     from workbench import synthetic
     from workbench.sae.sparse_ops import fast_bf16_matmul
 
@@ -191,7 +232,7 @@ def run_size(d_in: int, d_sae: int, tokens: int, folder: Path, family: bool = Fa
     torch.save({"train": train, "held_out": held_out}, path)
     del train, held_out
     rows = []
-    for library in LIBRARIES + (FAMILY if family else ()):
+    for library in only or LIBRARIES + (FAMILY + PENALTY if family else ()):
         done = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -213,6 +254,7 @@ def report(results: list[dict]) -> str:
               "matmul ceiling GFLOP/s", "% of ceiling"]
     lines = []
     family = [r for r in results if r["library"] in FAMILY]
+    penalty = [r for r in results if r["library"] in PENALTY]
     results = [r for r in results if r["library"] in LIBRARIES]
     for size in sorted({(r["d_in"], r["d_sae"]) for r in results}):
         group = [r for r in results if (r["d_in"], r["d_sae"]) == size]
@@ -234,7 +276,29 @@ def report(results: list[dict]) -> str:
         "",
         table(header, lines),
         *family_report(family, results),
+        *penalty_report(penalty, results),
     ])
+
+
+def penalty_report(penalty: list[dict], topk: list[dict]) -> list[str]:
+    """ReLU-L1 and JumpReLU, each library's against the other's same architecture and our TopK."""
+    if not penalty:
+        return []
+    lines = []
+    for r in penalty:
+        library, architecture = r["library"].split("-")
+        ours_topk = next(t for t in topk if t["library"] == "workbench" and (t["d_in"], t["d_sae"]) == (r["d_in"], r["d_sae"]))
+        other = next(o for o in penalty if o["library"] == f"{'sae_lens' if library == 'workbench' else 'workbench'}-{architecture}")
+        lines.append([r["d_in"], r["d_sae"], library, architecture, f"{r['tokens_per_s']:,.0f}",
+                      f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / ours_topk['tokens_per_s']:.2f}",
+                      f"{r['peak_mib']:,.0f}", f"{r['l0']:.1f}", f"{r['fvu']:.4f}"])
+    return ["", f"SAEs sparse by a penalty, on the same data and steps, both libraries optimising the same objective "
+            f"(λ converted between the two losses' normalisations; see PENALTY in the script): ReLU-L1 at λ = {RELU_L1} "
+            f"(L1 weighted by decoder norms, 5% warm-up), JumpReLU with the quadratic penalty around L0 = {K} "
+            "(Gemma Scope 2), bandwidth and initial θ 0.001 of the data's scale. Each library with its own optimiser "
+            "defaults. Held-out L0 and FVU with each SAE's inference rule.", "",
+            table(["d_in", "d_sae", "library", "architecture", "tokens/s", "× other library", "× our TopK", "peak MiB",
+                   "held-out L0", "held-out FVU"], lines)]
 
 
 def family_report(family: list[dict], topk: list[dict]) -> list[str]:
@@ -259,6 +323,7 @@ def family_report(family: list[dict], topk: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
+    parser.add_argument("--only", nargs="+", choices=WORKERS, help="run these workers at the first size; print only")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
@@ -267,6 +332,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.data, args.d_sae)))
         return
     results = []
+    if args.only:
+        with tempfile.TemporaryDirectory() as folder:
+            run_size(*(QUICK_SIZES if args.quick else SIZES)[0], Path(folder), only=tuple(args.only))
+        return
     with tempfile.TemporaryDirectory() as folder:
         for i, (d_in, d_sae, tokens) in enumerate(QUICK_SIZES if args.quick else SIZES):
             results += run_size(d_in, d_sae, tokens, Path(folder), family=i == 0)

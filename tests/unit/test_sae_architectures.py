@@ -278,7 +278,8 @@ def test_jumprelu_gradients_equal_sae_lens_straight_through_estimators(target_l0
 
     bandwidth, lam = 0.4, 0.01  # a wide kernel, so many entries fall in its window
     x, _ = _inputs()
-    sae = _make("jumprelu", bandwidth=bandwidth, l0_coefficient=lam, target_l0=target_l0, sparsity_warmup=0.0).train()
+    sae = _make("jumprelu", bandwidth=bandwidth, l0_coefficient=lam, target_l0=target_l0, target_l0_coefficient=lam,
+                sparsity_warmup=0.0).train()
     with torch.no_grad():
         sae.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) + 0.2)
     result = sae.forward_train(x, torch.float32)

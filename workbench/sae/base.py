@@ -37,6 +37,11 @@ SAE_LENS_WEIGHTS_FILE = "sae_weights.safetensors"  # what sae_lens' save_model w
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 RESHAPES = ("none", "hook_z")
 
+# A ragged training code denser than this (real entries over batch × d_sae) is computed with
+# dense products. Measured for a ReLU SAE step (256 → 2048, batch 4096, 2 CPU cores): sparse
+# 0.80 s vs dense 1.06 s at density 1/8, 2.1 s vs 1.25 s at 1/4 (``_dense_forward``).
+DENSE_TRAINING_ABOVE = 1 / 6
+
 
 def did_you_mean(name: str, options) -> str:
     """' Did you mean 'x'?' for the options closest to a misspelt ``name`` (or '')."""
@@ -221,6 +226,22 @@ class SparseAutoencoder(nn.Module):
         the fraction of training done (1.0 when the run length is unknown), for warm-ups."""
         return None
 
+    @torch.no_grad()
+    def scale_encoder_to_fit(self, rows: Float[Tensor, "batch d_in"]) -> None:
+        """Scale the encoder (W_enc, b_enc) by the c that best reconstructs ``rows`` at
+        initialisation (least squares: c = ⟨x − b_dec, y⟩/‖y‖² with y the current x̂ − b_dec).
+
+        For SAEs whose activation keeps every positive pre-activation (ReLU, JumpReLU), the
+        transposed-decoder start fires about half the latents per row, and their sum
+        overshoots x several-fold (FVU ≫ 1 at step 0 on 2048 latents of 256 dimensions); the
+        fitted scale starts them at FVU < 1, as Anthropic's small-norm initialisation does."""
+        centered = rows - self.b_dec
+        y = self.forward(rows).x_hat - self.b_dec
+        scale = float((centered * y).sum() / y.pow(2).sum().clamp_min(1e-12))
+        if scale > 0:
+            self.W_enc *= scale
+            self.b_enc *= scale
+
     def after_step(self) -> None:
         """Called after each optimiser step (JumpReLU keeps its thresholds non-negative here)."""
 
@@ -355,6 +376,8 @@ class SparseAutoencoder(nn.Module):
         fullest row and computing it too made BatchTopK's step ~10× the work of TopK's
         (width ≈ 150 slots per row at k = 16 on the synthetic benchmark)."""
         real = chosen.values > 0
+        if int(real.sum()) > x.shape[0] * self.cfg.d_sae * DENSE_TRAINING_ABOVE:
+            return self._dense_forward(x, chosen, real)
         cols = chosen.indices[real]  # row-major: grouped by row, as CSR wants
         crow = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
         crow[1:] = real.sum(1).cumsum(0)
@@ -362,6 +385,16 @@ class SparseAutoencoder(nn.Module):
         x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, crow[:-1], per_sample_weights=values,
                                                   mode="sum") + self.b_dec
         return SparseCode(values.new_zeros(chosen.values.shape).masked_scatter(real, values), chosen.indices), x_hat
+
+    def _dense_forward(self, x: Tensor, chosen: SparseCode, real: Tensor) -> tuple[SparseCode, Tensor]:
+        """``_ragged_forward``'s code and x̂ (the same values and gradients, summed in another
+        order) through dense float32 products, for codes too dense for the sparse kernels to
+        win: an L1 or JumpReLU SAE early in training keeps about half its latents per row."""
+        mask = torch.zeros(x.shape[0], self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        mask[real.nonzero()[:, 0], chosen.indices[real]] = True
+        z = ((x - self.b_dec) @ self.W_enc + self.b_enc).relu() * mask
+        values = z.gather(1, chosen.indices) * real  # a padding slot may repeat a real latent: it stays 0
+        return SparseCode(values, chosen.indices), z @ self.W_dec + self.b_dec
 
     @torch.no_grad()
     def _selection_pre_acts(self, x: Tensor, dtype: torch.dtype) -> Tensor:
