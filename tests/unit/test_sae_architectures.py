@@ -174,11 +174,11 @@ def test_a_loaded_sae_infers_per_row_and_evaluating_it_changes_nothing(arch, for
     from workbench.sae.interop import export_sae_lens
 
     sae = _make(arch)
-    if hasattr(sae, "threshold"):  # a trained θ, so the threshold rule keeps some latents but not all
-        with torch.no_grad():
-            sae.threshold.fill_(0.5)
-        if hasattr(sae, "threshold_weight"):
-            sae.threshold_weight.fill_(1.0)
+    if arch == "jumprelu":  # a trained θ, so the threshold rule keeps some latents but not all
+        sae.set_threshold(torch.full((D_SAE,), 0.5))
+    elif hasattr(sae, "threshold"):
+        sae.threshold.fill_(0.5)
+        sae.threshold_weight.fill_(1.0)
     sae.save(tmp_path) if form == "ours" else export_sae_lens(sae.eval(), tmp_path)
     loaded = saes.load(tmp_path)
     assert not loaded.training
@@ -280,8 +280,7 @@ def test_jumprelu_gradients_equal_sae_lens_straight_through_estimators(target_l0
     x, _ = _inputs()
     sae = _make("jumprelu", bandwidth=bandwidth, l0_coefficient=lam, target_l0=target_l0, target_l0_coefficient=lam,
                 sparsity_warmup=0.0).train()
-    with torch.no_grad():
-        sae.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) + 0.2)
+    sae.set_threshold(torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) + 0.2)
     result = sae.forward_train(x, torch.float32)
     loss = sae.reconstruction_loss(x, result) + sae.sparsity_loss(x, result, torch.tensor(1.0), 1.0)
     loss.backward()
@@ -333,8 +332,8 @@ def test_sae_lens_standard_and_jumprelu_open_as_ours(arch, tmp_path):
     sae = _make(arch).eval()
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])
-        if arch == "jumprelu":
-            sae.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)))
+    if arch == "jumprelu":
+        sae.set_threshold(torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)))
     export_sae_lens(sae, tmp_path)
     theirs = SAE.load_from_disk(str(tmp_path), device="cpu")
     ours = saes.load(tmp_path)

@@ -203,6 +203,9 @@ class SparseAutoencoder(nn.Module):
     ``no_k_annealing_because`` as the reason."""
     no_k_annealing_because: ClassVar[str] = "its select takes no k to anneal"
 
+    uses_k: ClassVar[bool] = True
+    """Whether cfg.k sets the L0 (False for SAEs sparse by a penalty: tables show no k for them)."""
+
     uses_aux_k: ClassVar[bool] = True
     """Whether the trainer adds the AuxK loss for dead latents (Gao et al. 2024 §A.2): the
     TopK family's remedy. SAEs whose sparsity comes from a penalty (L1, L0) train without it."""

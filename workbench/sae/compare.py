@@ -37,7 +37,7 @@ def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8,
         hook = sae.cfg.hook_name
         batches = list(itertools.islice(cache.batches(hook, batch_size, seed=999, with_grads=sae.architecture == "gradient"), n_batches))
         metrics = reconstruction_metrics(sae, batches)
-        row = {"architecture": sae.architecture, "k": sae.cfg.k, "d_sae": sae.cfg.d_sae, "hook": hook,
+        row = {"architecture": sae.architecture, "k": sae.cfg.k if sae.uses_k else "—", "d_sae": sae.cfg.d_sae, "hook": hook,
                "fvu": metrics.fvu, "l0": metrics.l0, "dead_fraction": metrics.dead_fraction}
         if model is not None and tokens is not None:
             downstream = downstream_metrics(model, sae, tokens, hook=hook)

@@ -140,7 +140,7 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     elif not shared_threshold:
         ours = create("jumprelu", cfg.d_in, cfg.d_sae, 1, **info)
         with torch.no_grad():  # SAELens: ReLU(pre)·1[pre > θ], ours pre·1[pre > θ]: equal once θ ≥ 0
-            ours.threshold.copy_(theirs.threshold.float().clamp_min(0))
+            ours.set_threshold(theirs.threshold.float().clamp_min(0))
     else:
         ours = create("batchtopk", cfg.d_in, cfg.d_sae, 1, **info)
         # SAELens: z = ReLU(pre) · 1[pre > θ] = pre · 1[pre > max(θ, 0)], our threshold rule.

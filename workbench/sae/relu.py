@@ -56,6 +56,7 @@ def refuse_k(sae: SparseAutoencoder, k) -> None:
 @register("relu", ReLUConfig)
 class ReLUSAE(SparseAutoencoder):
     ragged_code = True
+    uses_k = False
     uses_aux_k = False
     unit_norm_decoder = False
     no_k_annealing_because = "its L0 comes from the L1 penalty, not from a k"
