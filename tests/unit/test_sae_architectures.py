@@ -23,7 +23,8 @@ def _inputs():
 
 
 def test_all_are_registered():
-    assert set(ARCHS) == {"topk", "batchtopk", "matryoshka", "gradient", "hierarchical", "relu", "jumprelu"}
+    assert set(ARCHS) == {"topk", "batchtopk", "matryoshka", "gradient", "hierarchical", "relu", "jumprelu",
+                          "featurechoice"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -223,9 +224,12 @@ def test_sae_lens_round_trip_gives_identical_encodings(arch, tmp_path):
     from workbench.sae.interop import export_sae_lens
 
     sae = _make(arch).train()
-    x, _ = _inputs()
-    sae(x)  # BatchTopK-based SAEs record their inference threshold
+    train_x, _ = _inputs()
+    sae(train_x)  # threshold-based SAEs record their inference thresholds
     sae.eval()
+    # Other rows than the training batch: a threshold equals one of its values exactly, and
+    # SAELens sums the pre-activation in another order, so such ties could flip either way.
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(7))
     export_sae_lens(sae, tmp_path)
     theirs = SAE.load_from_disk(str(tmp_path), device="cpu")
     torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-6)
@@ -344,3 +348,73 @@ def test_sae_lens_standard_and_jumprelu_open_as_ours(arch, tmp_path):
     torch.testing.assert_close(ours.encode(x) != 0, theirs.encode(x) != 0)
     if arch == "jumprelu":
         torch.testing.assert_close(ours.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+def test_dense_and_sparse_training_paths_agree(arch, monkeypatch):
+    """A ragged training code goes through dense products when it is dense and through the
+    sparse kernels otherwise: both give the same code, x̂ and gradients."""
+    import workbench.sae.base as base
+
+    x, _ = _inputs()
+    results, grads = [], []
+    for threshold in (0.0, 1.0):  # 0: always dense; 1: always sparse
+        monkeypatch.setattr(base, "DENSE_TRAINING_ABOVE", threshold)
+        sae = _make(arch).train()
+        result = sae.forward_train(x, torch.float32)
+        loss = sae.reconstruction_loss(x, result)
+        penalty = sae.sparsity_loss(x, result, torch.tensor(1.0), 1.0)
+        (loss + (penalty if penalty is not None else 0)).backward()
+        results.append(result)
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
+    dense, sparse = results
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.code.dense(D_SAE), dense.code.dense(D_SAE), rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_encoder_is_scaled_to_the_best_fit_at_initialisation(arch):
+    """prepare scales the encoder by the least-squares factor: the start reconstructs better
+    than both the unscaled start and any other scale."""
+    sae = _make(arch)
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(5)) * 3
+    @torch.no_grad()
+    def error(s):
+        copy = _make(arch)
+        copy.load_state_dict(sae.state_dict())
+        copy.W_enc.mul_(s)
+        return float((copy(x).x_hat - x).pow(2).sum())
+
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        before = error(1.0)
+        sae.prepare(x)
+        after = float((sae(x).x_hat - x).pow(2).sum())
+    assert after < before
+    if arch == "relu":  # (JumpReLU's θ makes the fit approximate: a rescaled row may cross it)
+        assert after <= min(error(0.9), error(1.1))  # rescaling the prepared encoder only hurts
+
+
+def test_feature_choice_gives_each_latent_its_top_m_rows_in_training():
+    """In training every latent keeps exactly its m = ⌈k·B/d_sae⌉ largest positive entries
+    over the batch (so no latent is dead), rows keep varying counts averaging k, and a
+    training forward records per-latent thresholds that inference then applies."""
+    sae = _make("featurechoice").train()
+    x, _ = _inputs()
+    pre = sae.pre_acts(x)
+    z = sae.encode(x)
+    m = -(-K * BATCH // D_SAE)
+    expected = pre.relu().topk(m, dim=0).values.min(0).values  # each latent's m-th largest
+    for latent in range(D_SAE):
+        kept = z[:, latent][z[:, latent] != 0]
+        assert kept.numel() == int((pre[:, latent].topk(m).values > 0).sum())
+        if kept.numel() == m:
+            torch.testing.assert_close(kept.min(), expected[latent])
+    assert (z != 0).sum(-1).float().std() > 0
+    assert float(sae.threshold.abs().sum()) == 0  # encode is pure
+    sae(x)
+    sae.eval()
+    assert (sae.threshold > 0).any()
+    torch.testing.assert_close(sae.encode(x), pre * (pre > sae.threshold))

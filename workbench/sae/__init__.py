@@ -3,7 +3,7 @@
 ``create(architecture, d_in, d_sae, k, **cfg)`` makes one; ``load(folder)`` opens a saved one.
 """
 
-from . import batchtopk, gradient, hierarchical, jumprelu, matryoshka, relu, topk  # noqa: F401  (registers them)
+from . import batchtopk, featurechoice, gradient, hierarchical, jumprelu, matryoshka, relu, topk  # noqa: F401  (registers them)
 from . import interop  # noqa: F401  (wb.sae.interop.export_sae_lens; sae_lens itself is imported on use)
 from .base import REGISTRY, ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, create, load, register
 

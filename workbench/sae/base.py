@@ -58,10 +58,11 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
     k: int
-    """Active latents per token (for BatchTopK: on average over the batch; unused by relu and jumprelu,
-    whose L0 comes from their sparsity penalty)."""
+    """Active latents per token (for BatchTopK, Matryoshka and Feature Choice: on average over the
+    batch; unused by relu and jumprelu, whose L0 comes from their sparsity penalty)."""
     architecture: str = "topk"
-    """Registered architecture name: topk, batchtopk, matryoshka, gradient, hierarchical, relu, jumprelu."""
+    """Registered architecture name: topk, batchtopk, matryoshka, gradient, hierarchical, relu, jumprelu,
+    featurechoice."""
     hook_name: str = ""
     """TransformerLens hook it was trained on (metadata, used by exports and splicing)."""
     model_name: str = ""

@@ -10,7 +10,7 @@ input), so only the inference rule has to be mapped:
 | topk, hierarchical (full k)   | ``topk`` with the same k                            |
 | gradient (no g at inference)  | ``topk`` with the same k                            |
 | batchtopk, matryoshka         | ``jumprelu`` with every threshold = the EMA θ       |
-| jumprelu                      | ``jumprelu`` with its per-latent thresholds         |
+| jumprelu, featurechoice       | ``jumprelu`` with its per-latent thresholds         |
 | relu (ReLU-L1)                | ``standard``                                        |
 
 Opening a SAELens folder honours every config field that changes the encoding (sae_lens
@@ -46,7 +46,7 @@ from .base import CFG_FILE, SparseAutoencoder, create, did_you_mean
 SCALER_FILE = "activation_scaler.json"  # sae_lens.constants.ACTIVATION_SCALER_CFG_FILENAME
 
 TOPK_LIKE = ("topk", "hierarchical", "gradient")
-THRESHOLD_LIKE = ("batchtopk", "matryoshka")
+THRESHOLD_LIKE = ("batchtopk", "matryoshka", "featurechoice", "jumprelu")  # one θ, or one per latent
 SUPPORTED = ("topk", "jumprelu", "standard")  # SAELens architectures that open as one of ours
 
 
@@ -71,9 +71,6 @@ def to_sae_lens(sae: SparseAutoencoder):
     elif sae.architecture in THRESHOLD_LIKE:
         target = JumpReLUSAE(JumpReLUSAEConfig(**common))
         weights["threshold"] = sae.threshold.detach().float().cpu().expand(sae.cfg.d_sae).clone()
-    elif sae.architecture == "jumprelu":
-        target = JumpReLUSAE(JumpReLUSAEConfig(**common))
-        weights["threshold"] = sae.threshold.detach().float().cpu().clone()
     elif sae.architecture == "relu":
         target = StandardSAE(StandardSAEConfig(**common))
     else:
@@ -140,6 +137,7 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     elif not shared_threshold:
         ours = create("jumprelu", cfg.d_in, cfg.d_sae, 1, **info)
         with torch.no_grad():  # SAELens: ReLU(pre)·1[pre > θ], ours pre·1[pre > θ]: equal once θ ≥ 0
+            ours.scale.fill_(1 / ours.cfg.threshold_unit)  # θ's unit exactly 1: the thresholds are copied bit for bit
             ours.set_threshold(theirs.threshold.float().clamp_min(0))
     else:
         ours = create("batchtopk", cfg.d_in, cfg.d_sae, 1, **info)

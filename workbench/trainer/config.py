@@ -22,7 +22,8 @@ class TrainConfig:
     """One SAE training run. Defaults finish in minutes on a laptop CPU."""
 
     architecture: str = "topk"
-    """SAE architecture: topk, batchtopk, matryoshka, gradient, hierarchical, relu (ReLU-L1), jumprelu."""
+    """SAE architecture: topk, batchtopk, matryoshka, gradient, hierarchical, relu (ReLU-L1), jumprelu,
+    featurechoice."""
     d_sae: int = 2048
     """Number of latents."""
     k: int = 32
