@@ -61,6 +61,21 @@ def _flat_top_k(flat: Tensor, n: int, sample: int = 65_536) -> tuple[Tensor, Ten
     return values[keep], candidates[keep]
 
 
+@torch.no_grad()
+def fold_into_threshold(threshold: Tensor, weight: Tensor, batch_min: Tensor, rate: float,
+                        seen: Tensor | None = None) -> None:
+    """θ ← the bias-corrected moving average of the batches' smallest kept values, in place:
+    the weights sum to ``weight`` = 1 − (1 − rate)ⁿ after n batches. ``seen`` (for per-latent
+    thresholds) masks the entries this batch updates; the others keep θ and weight."""
+    old = weight * (1 - rate)
+    new_weight = old + rate
+    updated = (threshold * old + batch_min * rate) / new_weight
+    if seen is not None:
+        updated, new_weight = torch.where(seen, updated, threshold), torch.where(seen, new_weight, weight)
+    threshold.copy_(updated)
+    weight.copy_(new_weight)
+
+
 def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
     """The k·B largest ReLU'd entries of the batch, as a padded code, without a dense z.
 
@@ -99,10 +114,7 @@ class BatchTopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def update_threshold(self, batch_min: Tensor) -> None:
-        rate = self.cfg.threshold_ema
-        old = self.threshold_weight * (1 - rate)
-        self.threshold_weight.copy_(old + rate)
-        self.threshold.copy_((self.threshold * old + batch_min * rate) / self.threshold_weight)
+        fold_into_threshold(self.threshold, self.threshold_weight, batch_min, self.cfg.threshold_ema)
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         """Training: the batch's top k·B (``k`` overrides cfg.k, for annealing). Inference:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import SAEConfig, SparseAutoencoder, SparseCode, register
+from .batchtopk import fold_into_threshold
 
 
 @dataclasses.dataclass
@@ -68,12 +69,8 @@ class FeatureChoiceSAE(SparseAutoencoder):
         latents, values = code.indices[kept], code.values[kept]
         batch_min = torch.full_like(self.threshold, math.inf).scatter_reduce(0, latents, values, "amin")
         seen = torch.isfinite(batch_min)
-        rate = self.cfg.threshold_ema
-        old = self.threshold_weight * (1 - rate)
-        new_weight = torch.where(seen, old + rate, self.threshold_weight)
-        updated = (self.threshold * old + batch_min.nan_to_num(posinf=0.0) * rate) / new_weight.clamp_min(1e-12)
-        self.threshold.copy_(torch.where(seen, updated, self.threshold))
-        self.threshold_weight.copy_(new_weight)
+        fold_into_threshold(self.threshold, self.threshold_weight, batch_min.nan_to_num(posinf=0.0),
+                            self.cfg.threshold_ema, seen)
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         """Training: each latent's top ⌈k·B/d_sae⌉ rows of the batch (``k`` overrides cfg.k,
