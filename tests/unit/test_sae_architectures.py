@@ -148,6 +148,10 @@ def test_matryoshka_loss_sums_prefix_reconstructions():
     z = result.code.dense(D_SAE)
     explicit = sum(((z[:, :m] @ sae.W_dec[:m] + sae.b_dec) - x).pow(2).sum(-1).mean() for m in (8, 32, 64))
     torch.testing.assert_close(sae.reconstruction_loss(x, result), explicit)
+    # Each row's slots in another order (a code need not list latents ascending): the same loss.
+    shuffled = torch.randperm(result.code.values.shape[1], generator=torch.Generator().manual_seed(0))
+    code = saes.SparseCode(result.code.values[:, shuffled], result.code.indices[:, shuffled])
+    torch.testing.assert_close(sae.reconstruction_loss(x, result._replace(code=code)), explicit)
     with pytest.raises(ValueError, match="must increase strictly and end at d_sae"):
         saes.create("matryoshka", D_IN, D_SAE, K, prefixes=[8, 32])
 

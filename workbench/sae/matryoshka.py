@@ -60,12 +60,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         row = real.nonzero()[:, 0]
         indices, values = code.indices[real], code.values[real]
         group = torch.bucketize(indices, torch.as_tensor(self.cfg.prefixes, device=indices.device), right=True)
-        order = stable_argsort(row * levels + group)
-        bag = (row * levels + group)[order]
+        bag = row * levels + group
+        # Codes from batch_top_k and from the threshold rule list each row's latents in
+        # ascending order, so the bags are already contiguous: sort only when they are not
+        # (the sort was a fifth of a Matryoshka step).
+        if not bool((bag[1:] >= bag[:-1]).all()):
+            order = stable_argsort(bag)
+            bag, indices, values = bag[order], indices[order], values[order]
         counts = torch.bincount(bag, minlength=rows * levels)
         offsets = counts.cumsum(0) - counts
-        sums = torch.nn.functional.embedding_bag(indices[order], self.W_dec, offsets, per_sample_weights=values[order],
-                                                 mode="sum")
+        sums = torch.nn.functional.embedding_bag(indices, self.W_dec, offsets, per_sample_weights=values, mode="sum")
         return sums.view(rows, levels, -1)
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
