@@ -43,6 +43,11 @@ RESHAPES = ("none", "hook_z")
 DENSE_TRAINING_ABOVE = 1 / 6
 
 
+def warmup_factor(progress: float, warmup: float) -> float:
+    """A penalty weight's linear warm-up: 0 → 1 over the first ``warmup`` fraction of training."""
+    return min(1.0, progress / warmup) if warmup > 0 else 1.0
+
+
 def did_you_mean(name: str, options) -> str:
     """' Did you mean 'x'?' for the options closest to a misspelt ``name`` (or '')."""
     close = difflib.get_close_matches(str(name), [str(option) for option in options], n=3, cutoff=0.6)
@@ -248,6 +253,13 @@ class SparseAutoencoder(nn.Module):
 
     def after_step(self) -> None:
         """Called after each optimiser step (JumpReLU keeps its thresholds non-negative here)."""
+
+    def refuse_k(self, k) -> None:
+        """For SAEs sparse by a penalty (``uses_k`` False): they have no top-k to change, so
+        asking for one is an error, not a no-op."""
+        if k is not None:
+            raise ValueError(f"a {self.architecture} SAE keeps the latents its activation passes (its L0 was set by "
+                             f"its sparsity penalty in training); it has no top-k, so k={k} cannot apply")
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
         """Sum over dimensions, mean over rows, of ‖x − x̂‖² (the TopK paper's MSE, unnormalised)."""

@@ -76,6 +76,15 @@ def fold_into_threshold(threshold: Tensor, weight: Tensor, batch_min: Tensor, ra
     weight.copy_(new_weight)
 
 
+def infer_by_threshold(sae: SparseAutoencoder, pre_acts: Tensor, k: int | None) -> SparseCode:
+    """The inference rule of SAEs trained by a batch-level selection: z = pre·1[pre > θ], with
+    ``sae.threshold`` one θ or one per latent. It has no k, so asking for another k is an error."""
+    if k is not None and k != sae.cfg.k:
+        raise ValueError(f"a {sae.architecture} SAE infers with its threshold θ, not a top-k; "
+                         f"k={k} applies only to training batches")
+    return SparseCode.from_dense(pre_acts * (pre_acts > sae.threshold))
+
+
 def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
     """The k·B largest ReLU'd entries of the batch, as a padded code, without a dense z.
 
@@ -121,7 +130,4 @@ class BatchTopKSAE(SparseAutoencoder):
         the threshold θ, which has no k, so asking for another k is an error."""
         if self.training:
             return batch_top_k(pre_acts, k or self.cfg.k)
-        if k is not None and k != self.cfg.k:
-            raise ValueError(f"a {self.architecture} SAE infers with its threshold θ, not a top-k; "
-                             f"k={k} applies only to training batches")
-        return SparseCode.from_dense(pre_acts * (pre_acts > self.threshold))
+        return infer_by_threshold(self, pre_acts, k)

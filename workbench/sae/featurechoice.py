@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import SAEConfig, SparseAutoencoder, SparseCode, register
-from .batchtopk import fold_into_threshold
+from .batchtopk import fold_into_threshold, infer_by_threshold
 
 
 @dataclasses.dataclass
@@ -77,7 +77,4 @@ class FeatureChoiceSAE(SparseAutoencoder):
         for annealing). Inference: each latent's threshold θ_i."""
         if self.training:
             return feature_top_m(pre_acts, k or self.cfg.k)
-        if k is not None and k != self.cfg.k:
-            raise ValueError(f"a {self.architecture} SAE infers with its per-latent thresholds, not a top-k; "
-                             f"k={k} applies only to training batches")
-        return SparseCode.from_dense(pre_acts * (pre_acts > self.threshold))
+        return infer_by_threshold(self, pre_acts, k)

@@ -91,8 +91,9 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     """Open a SAELens SAE folder as one of ours: ``topk`` as TopK, ``standard`` as ReLU,
     ``jumprelu`` with per-latent thresholds as JumpReLU and with a single threshold as
     BatchTopK (its inference form; the training k is not recorded there, so k is set to 1,
-    which matters only if training continues); other SAELens architectures are refused. Encodings and reconstructions equal SAELens' own (see the
-    table above for how each config field is carried)."""
+    which matters only if training continues); other SAELens architectures are refused.
+    Encodings and reconstructions equal SAELens' own (see the table above for how each
+    config field is carried)."""
     import sae_lens
     from sae_lens import SAE
 

@@ -25,8 +25,9 @@ is held as u·s·t (the parameter t, u = threshold_unit), starting at θ₀ = th
 and ε = bandwidth·s: the paper's setting on unnormalised data. Adam moves a parameter by
 about lr per step whatever its scale, so θ itself as the parameter would move by ~0.005 a
 step on activations of scale s ≈ 33 (the default model's residual stream) and need
-thousands of steps to reach its working values; t moves it by ~0.005·u·s. The reconstruction term is divided by the batch variance (FVU units) and the L0 term
-by nothing, so λ = 1e-3 costs 0.001 FVU per active latent. Decoder rows are kept at unit
+thousands of steps to reach its working values; t moves it by ~0.005·u·s. The
+reconstruction term is divided by the batch variance (FVU units) and the L0 term by
+nothing, so λ = 1e-3 costs 0.001 FVU per active latent. Decoder rows are kept at unit
 norm: the L0 penalty does not depend on their norm, and the constraint removes the scale
 symmetry between encoder and decoder, as for TopK. SAELens' ``jumprelu`` has the same
 inference rule (with a ReLU, which θ ≥ 0 makes redundant).
@@ -39,8 +40,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .base import ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, register
-from .relu import refuse_k
+from .base import ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, register, warmup_factor
 
 
 @dataclasses.dataclass
@@ -144,7 +144,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self.theta.clamp_(min=0.0)
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
-        refuse_k(self, k)
+        self.refuse_k(k)
         threshold = self.threshold.to(pre_acts.dtype)
         return SparseCode.from_dense(pre_acts * (pre_acts > threshold))
 
@@ -159,9 +159,9 @@ class JumpReLUSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def _kernel_window(self, x: Tensor, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, latents) of the entries with |pre − θ| < ε/2, where K((pre − θ)/ε) = 1: candidates come
-        from the selection pre-activations with a margin for their rounding (bf16 keeps 8
-        bits), and are recomputed exactly before the kernel is applied."""
+        """(rows, latents) of the entries with |pre − θ| < ε/2, where K((pre − θ)/ε) = 1:
+        candidates come from the selection pre-activations with a margin for their rounding
+        (bf16 keeps 8 bits), and are recomputed exactly before the kernel is applied."""
         threshold, eps = self.threshold.detach(), self.bandwidth
         margin = pre_acts.abs() * 2 ** -7 if pre_acts.dtype == torch.bfloat16 else 0.0
         near = (pre_acts.float() - threshold).abs() < eps / 2 + margin
@@ -187,5 +187,4 @@ class JumpReLUSAE(SparseAutoencoder):
             per_row, coefficient = 2 / target * (l0 - target).pow(2), self.cfg.target_l0_coefficient
         else:
             per_row, coefficient = l0, self.cfg.l0_coefficient
-        warmup = self.cfg.sparsity_warmup
-        return coefficient * (min(1.0, progress / warmup) if warmup > 0 else 1.0) * per_row.mean()
+        return coefficient * warmup_factor(progress, self.cfg.sparsity_warmup) * per_row.mean()

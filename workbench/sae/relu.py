@@ -25,7 +25,7 @@ import dataclasses
 
 from torch import Tensor
 
-from .base import ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, register
+from .base import ForwardResult, SAEConfig, SparseAutoencoder, SparseCode, register, warmup_factor
 
 
 @dataclasses.dataclass
@@ -46,13 +46,6 @@ class ReLUConfig(SAEConfig):
             raise ValueError(f"l1_warmup is a fraction of training in [0, 1], got {self.l1_warmup}")
 
 
-def refuse_k(sae: SparseAutoencoder, k) -> None:
-    """Penalty-trained SAEs have no top-k to change: asking for one is an error, not a no-op."""
-    if k is not None:
-        raise ValueError(f"a {sae.architecture} SAE keeps the latents its activation passes (its L0 was set by its "
-                         f"sparsity penalty in training); it has no top-k, so k={k} cannot apply")
-
-
 @register("relu", ReLUConfig)
 class ReLUSAE(SparseAutoencoder):
     ragged_code = True
@@ -65,12 +58,11 @@ class ReLUSAE(SparseAutoencoder):
         self.scale_encoder_to_fit(rows)
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
-        refuse_k(self, k)
+        self.refuse_k(k)
         return SparseCode.from_dense(pre_acts.relu())
 
     def sparsity_loss(self, x: Tensor, result: ForwardResult, scale: Tensor, progress: float) -> Tensor:
-        warmup = self.cfg.l1_warmup
-        coefficient = self.cfg.l1_coefficient * (min(1.0, progress / warmup) if warmup > 0 else 1.0)
+        coefficient = self.cfg.l1_coefficient * warmup_factor(progress, self.cfg.l1_warmup)
         code = result.code  # padding slots hold 0: they add nothing
         weighted = code.values * self.W_dec.norm(dim=1)[code.indices]
         return coefficient * weighted.sum(-1).mean() / scale
