@@ -53,8 +53,10 @@ def _run(client, code: str, timeout: float = 300, interrupt_after_image=None):
                 interrupted = True
         if kind == "status" and content["execution_state"] == "idle":
             break
-    reply = client.get_shell_msg(timeout=30)["content"]
-    return reply, outputs
+    while True:  # skip stale shell replies (a second kernel_info_reply from start-up, say)
+        reply = client.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply["content"], outputs
 
 
 @pytest.fixture()
