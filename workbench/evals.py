@@ -40,15 +40,27 @@ def check_hook(model, hook: str) -> str:
 @torch.no_grad()
 def check_splice(model, sae, hook: str | None, tokens: torch.Tensor, batch_size: int = 1) -> str:
     """The hook at which ``sae`` is spliced into ``model`` (``hook``, default the SAE's own
-    hook_name), checked once before any long pass: every entry point that hooks an SAE into a
-    model goes through here. Checks the tokens, that the hook exists, and that its width per
-    position is the SAE's d_in, probed on one row of two tokens (a mismatch would otherwise
-    surface as 'The size of tensor a ... must match' in the middle of the run)."""
+    hook_name; a transcoder writes its target_hook), checked once before any long pass: every
+    entry point that hooks an SAE into a model goes through here. Checks the tokens, that the
+    hook exists, and that its width per position is the SAE's d_in, probed on one row of two
+    tokens (a mismatch would otherwise surface as 'The size of tensor a ... must match' in the
+    middle of the run). A transcoder's input hook is checked the same way."""
+    if sae.is_transcoder:
+        if hook not in (None, sae.cfg.target_hook):
+            raise ValueError(f"a transcoder replaces {sae.cfg.target_hook!r} (its target) with its prediction from "
+                             f"{sae.cfg.hook_name!r}; it cannot be spliced at {hook!r}")
+        check_tokens(model, tokens, batch_size)
+        _check_width(model, sae, sae.cfg.hook_name, tokens)
+        return _check_width(model, sae, sae.cfg.target_hook, tokens)
     hook = hook or sae.cfg.hook_name
     if not hook:
         raise ValueError("name the hook to splice at (the SAE has no hook_name recorded)")
-    check_hook(model, hook)
     check_tokens(model, tokens, batch_size)
+    return _check_width(model, sae, hook, tokens)
+
+
+def _check_width(model, sae, hook: str, tokens: torch.Tensor) -> str:
+    check_hook(model, hook)
     _, cache = model.run_with_cache(tokens[:1, :2].to(model.cfg.device), names_filter=hook)
     shape = tuple(cache[hook].shape)  # [batch, pos, ...]: the SAE reads the flattened rest
     width = cache[hook][0, 0].numel()
@@ -120,7 +132,8 @@ class ReconstructionMetrics:
 @torch.no_grad()
 def reconstruction_metrics(sae, batches) -> ReconstructionMetrics:
     """FVU, MSE, L0, dead fraction and feature density of ``sae`` over a stream of batches
-    (tensors, or (x, g) pairs, passed on as g to SAEs that select with it)."""
+    (tensors, or (x, g) pairs, passed on as g to SAEs that select with it; a transcoder takes
+    (x, y) pairs and is scored on predicting y)."""
     sse = sum_sq = 0.0
     sum_x = None
     n = 0
@@ -129,9 +142,15 @@ def reconstruction_metrics(sae, batches) -> ReconstructionMetrics:
     device = sae.W_dec.device
     with evaluating(sae):
         for batch in batches:
-            x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+            x, second = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+            if sae.is_transcoder and second is None:
+                raise ValueError(f"a transcoder is scored on (x, y) batches: y of {sae.cfg.target_hook!r} beside x of "
+                                 f"{sae.cfg.hook_name!r} (ActivationCache.batches(..., target_hook=...))")
+            g = None if sae.is_transcoder else second
             x = x.to(device, torch.float32)
             result = sae(x, **({"g": g.to(device, torch.float32)} if g is not None else {}))
+            if sae.is_transcoder:
+                x = second.to(device, torch.float32)  # the target: FVU of the prediction
             x64 = x.double()
             sse += float((result.x_hat.double() - x64).pow(2).sum())
             sum_sq += float(x64.pow(2).sum())
@@ -359,18 +378,29 @@ def spliced_loss(model, sae, tokens: torch.Tensor, hook: str | None = None, batc
             batch = tokens[start:start + batch_size].to(model.cfg.device)
             grad = gradients[start:start + batch_size].to(model.cfg.device) if gradients is not None else None
             loss = model.run_with_hooks(batch, return_type="loss", loss_per_token=True,
-                                        fwd_hooks=[(hook, _splice_hook(sae, grad))])
+                                        fwd_hooks=splice_hooks(sae, hook, grad))
             total += float(loss.double().sum())
             count += loss.numel()
     return total / count
 
 
-def _splice_hook(sae, grad):
-    def splice(act, hook):
-        flat = act.reshape(act.shape[0] * act.shape[1], -1).float()
+def splice_hooks(sae, hook: str, grad: torch.Tensor | None = None) -> list:
+    """The forward hooks that replace ``hook``'s activation by the SAE's reconstruction of it;
+    for a transcoder, that replace its target hook by its prediction from its input hook,
+    captured earlier in the same pass (the MLP's output computed by the transcoder instead)."""
+    def run(source, act):
+        flat = source.reshape(act.shape[0] * act.shape[1], -1).float()
         extra = {"g": grad.reshape(flat.shape).float()} if grad is not None else {}
         return sae(flat.to(sae.W_dec.device), **extra).x_hat.to(act.dtype).reshape(act.shape)
-    return splice
+
+    if not sae.is_transcoder:
+        return [(hook, lambda act, hook: run(act, act))]
+    captured = {}
+
+    def capture(act, hook):
+        captured["x"] = act
+
+    return [(sae.cfg.hook_name, capture), (hook, lambda act, hook: run(captured.pop("x"), act))]
 
 
 def _downstream(model, sae, tokens, hook, batch_size, gradients, device) -> DownstreamMetrics:
@@ -391,7 +421,7 @@ def _downstream(model, sae, tokens, hook, batch_size, gradients, device) -> Down
         grad = gradients[start:start + batch_size].to(device) if gradients is not None else None
 
         clean_logits = model(batch)
-        spliced_logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice_hook(sae, grad))])
+        spliced_logits = model.run_with_hooks(batch, fwd_hooks=splice_hooks(sae, hook, grad))
         zero = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))])
         mean = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, lambda act, hook: mean_act.expand_as(act).to(act.dtype))])
         targets = batch[:, 1:]

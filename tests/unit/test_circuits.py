@@ -16,7 +16,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import workbench as wb
 from workbench.circuits import ContrastivePairs, Node, circuit_hooks, circuit_modules, find_circuit, logit_diff, upstream
-from workbench.circuits.modules import join, split
+from workbench.circuits.modules import join, module_states, split
 from workbench.circuits.validation import clean_means, faithfulness_curve, patching_check
 from workbench.widgets.circuit_viewer import circuit_graph
 
@@ -43,10 +43,10 @@ def _model(linear: bool) -> HookedTransformer:
     return model
 
 
-def _sae(linear: bool, seed: int):
+def _sae(linear: bool, seed: int, **cfg):
     """Linear: d_sae < d_model, W_dec the pseudo-inverse of W_enc and b_enc large, so f is affine
     in x and ε (the part of x outside the decoder's span) is a nonzero linear function of x."""
-    sae = wb.sae.create("topk", d_in=D_MODEL, d_sae=D_SAE if linear else 12, k=D_SAE if linear else 3)
+    sae = wb.sae.create("topk", d_in=D_MODEL, d_sae=D_SAE if linear else 12, k=D_SAE if linear else 3, **cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
@@ -82,6 +82,17 @@ def linear():
             for layer in range(2):
                 assert float(cache[f"blocks.{layer}.mlp.hook_pre"].min()) > 0
     return model, saes, pairs
+
+
+def _with_transcoders(linear: bool, saes: dict) -> dict:
+    """``saes`` with each MLP output's SAE replaced by a transcoder from the MLP's input (the
+    residual stream before the MLP in the linear model, which has no LayerNorm)."""
+    out = dict(saes)
+    for layer in range(2):
+        source = f"blocks.{layer}.hook_resid_mid" if linear else f"blocks.{layer}.ln2.hook_normalized"
+        target = f"blocks.{layer}.hook_mlp_out"
+        out[target] = _sae(linear, 10 + layer, hook_name=source, target_hook=target)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +296,100 @@ def test_circuit_viewer_refilters_without_recomputing_and_exports(nonlinear, tmp
     monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path))
     saved = viewer.export("toy_circuit")
     assert {p.suffix for p in saved} == {".pdf", ".svg", ".png"} and all(p.stat().st_size > 1000 for p in saved)
+
+
+# --- transcoders at the MLP outputs (Dunefsky et al. 2024) ----------------------------------
+
+
+def test_transcoder_error_node_makes_the_decomposition_exact_and_its_features_ignore_the_mlp(nonlinear):
+    """MLP output = decode(encode(MLP input)) + ε exactly; and the transcoder's features are
+    computed from the MLP's input, so changing the MLP's weights leaves them as they were (the
+    input invariance), while an MLP-output SAE's features move with them."""
+    model, saes, pairs = nonlinear
+    with_tc = _with_transcoders(False, saes)
+    _, states = module_states(model, with_tc, pairs.clean)
+    _, sae_states = module_states(model, saes, pairs.clean)
+    inputs = {}
+    hooks = [(tc.cfg.hook_name, lambda x, hook: inputs.__setitem__(hook.name, x)) for h, tc in with_tc.items()
+             if tc.is_transcoder]
+    rewritten = hooks + [(h, lambda x, hook: join(with_tc[hook.name], *split(with_tc[hook.name], x,
+                                                                               inputs.get(with_tc[hook.name].cfg.hook_name)), x))
+                         for h in HOOKS]
+    without_error = hooks + [(h, lambda x, hook: join(with_tc[hook.name], split(with_tc[hook.name], x, inputs.get(
+        with_tc[hook.name].cfg.hook_name))[0], torch.zeros_like(x), x)) for h in HOOKS]
+    clean = _metric(model, pairs.clean, pairs)
+    assert _metric(model, pairs.clean, pairs, rewritten) == pytest.approx(clean, abs=1e-5)
+    assert abs(_metric(model, pairs.clean, pairs, without_error) - clean) > 1e-2
+    with pytest.raises(ValueError, match="capture it in the same pass"):
+        split(with_tc["blocks.0.hook_mlp_out"], states["blocks.0.hook_mlp_out"][1])
+
+    mlp = model.blocks[1].mlp
+    saved = mlp.W_out.detach().clone()
+    try:
+        with torch.no_grad():
+            mlp.W_out.mul_(-2.0)
+        _, changed = module_states(model, with_tc, pairs.clean)
+        _, sae_changed = module_states(model, saes, pairs.clean)
+    finally:
+        with torch.no_grad():
+            mlp.W_out.copy_(saved)
+    hook = "blocks.1.hook_mlp_out"
+    torch.testing.assert_close(changed[hook][0], states[hook][0])  # features: from the input, unchanged
+    assert not torch.allclose(changed[hook][1], states[hook][1])  # the error node carries the MLP's change
+    assert not torch.allclose(sae_changed[hook][0], sae_states[hook][0])  # an SAE on the output moves
+
+
+def test_transcoder_node_and_edge_effects_equal_exact_patching_on_a_linear_model(linear):
+    """With transcoders at both MLP outputs of the linear model, AtP and IG node effects equal
+    exact patching (patching_check), and the edges into a transcoder's features equal exact
+    path patching, computed through its encoder of the MLP's input."""
+    model, saes, pairs = linear
+    with_tc = _with_transcoders(True, saes)
+    with torch.no_grad():  # the premise of exactness: the transcoders' encoders never clip
+        _, cache = model.run_with_cache(pairs.clean)
+        for tc in with_tc.values():
+            if tc.is_transcoder:
+                assert float(tc.encode(cache[tc.cfg.hook_name].reshape(-1, D_MODEL)).min()) > 0
+    check = patching_check(model, with_tc, pairs, per_module=4, steps=2, progress=False)
+    for row in check.rows:
+        assert row["atp"] == pytest.approx(row["exact"], abs=1e-6, rel=1e-6)
+        assert row["ig"] == pytest.approx(row["exact"], abs=1e-6, rel=1e-6)
+    assert any(row["node"].hook.endswith("mlp_out") for row in check.rows)
+
+    circuit = find_circuit(model, with_tc, pairs, method="atp", node_threshold=0.0, progress=False)
+    clean = _metric(model, pairs.clean, pairs)
+    down_hook, tc = "blocks.1.hook_mlp_out", with_tc["blocks.1.hook_mlp_out"]
+    links = upstream(circuit_modules(with_tc))
+
+    def patch_down(feature, value):
+        """Set the transcoder's feature to ``value``, its other features and ε as they are."""
+        seen = {}
+
+        def fn(x, hook):
+            f = tc.encode(seen["x"].reshape(-1, D_MODEL)).reshape(*x.shape[:2], -1)
+            return x + (value - f[..., feature])[..., None] * tc.W_dec[feature]
+        return [(tc.cfg.hook_name, lambda x, hook: seen.__setitem__("x", x)), (down_hook, fn)]
+
+    for up_hook in links[down_hook]:
+        _, f_up_patch, _ = _states(model, with_tc[up_hook], up_hook, pairs.patch)
+        held = {h: _states(model, with_tc[h], h, pairs.clean)[0] for h in links[down_hook] if h != up_hook}
+        for up_feature in range(D_SAE):
+            recorded = {}
+            hooks = [(h, lambda x, hook, v=v: v) for h, v in held.items()]
+            hooks.append(_patch_feature(with_tc[up_hook], up_hook, up_feature, f_up_patch[..., up_feature]))
+            hooks.append((tc.cfg.hook_name, lambda x, hook: recorded.setdefault("x", x.clone())))
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                model(pairs.clean)
+            f_down = tc.encode(recorded["x"].reshape(-1, D_MODEL)).reshape(*recorded["x"].shape[:2], -1)
+            for down_feature in range(D_SAE):
+                exact = _metric(model, pairs.clean, pairs, patch_down(down_feature, f_down[..., down_feature])) - clean
+                edge = circuit.edges[(Node(up_hook, up_feature, None), Node(down_hook, down_feature, None))]
+                assert edge == pytest.approx(exact, abs=1e-4, rel=1e-3), (up_hook, up_feature, down_feature)
+
+
+def test_a_transcoder_must_stand_at_its_target(nonlinear):
+    model, saes, pairs = nonlinear
+    with_tc = _with_transcoders(False, saes)
+    misplaced = {**saes, "blocks.0.hook_resid_post": with_tc["blocks.0.hook_mlp_out"]}
+    with pytest.raises(ValueError, match="put it at that hook"):
+        find_circuit(model, misplaced, pairs, progress=False)

@@ -394,7 +394,7 @@ def test_encoder_is_scaled_to_the_best_fit_at_initialisation(arch):
     with torch.no_grad():
         sae.b_enc.zero_()
         before = error(1.0)
-        sae.prepare(x)
+        sae.prepare(x, x)
         after = float((sae(x).x_hat - x).pow(2).sum())
     assert after < before
     if arch == "relu":  # (JumpReLU's θ makes the fit approximate: a rescaled row may cross it)

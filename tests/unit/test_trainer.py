@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tests.helpers.streams import Interrupt, interrupted
 from workbench import synthetic
 from workbench.sae import ARCHITECTURES, load
 from workbench.trainer import TrainConfig, default_lr, geometric_median, train_sae, train_saes
@@ -46,15 +47,6 @@ def test_every_architecture_learns_the_synthetic_dictionary(arch):
 def test_resume_gives_the_same_weights(tmp_path):
     cfg = _config(checkpoint_every=40, total_tokens=256 * 100)
     straight = train_sae(cfg, SMALL.batches(256, 256 * 100, seed=1), run_dir=tmp_path / "a", progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def interrupted(stream, after):
-        for i, batch in enumerate(stream):
-            if i == after:
-                raise Interrupt
-            yield batch
 
     with pytest.raises(Interrupt):
         train_sae(cfg, interrupted(SMALL.batches(256, 256 * 100, seed=1), 57), run_dir=tmp_path / "b", progress=False)

@@ -235,8 +235,10 @@ class ActivationCache:
         dtype: torch.dtype = torch.float32,
         buffer_rows: int = DEFAULT_BUFFER_ROWS,
         drop_last: bool = False,
+        target_hook: str | None = None,
     ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of batches [batch_size, d] (``(x, g)`` pairs with ``with_grads``).
+        """One epoch of batches [batch_size, d] (``(x, g)`` pairs with ``with_grads``; ``(x, y)``
+        pairs with ``target_hook``: y the same rows of that hook, a transcoder's targets).
 
         Shuffling is two-level, as in a shuffle buffer: blocks of ``BLOCK_ROWS`` contiguous
         rows are visited in a random order over the whole cache (every shard), and the rows
@@ -244,6 +246,10 @@ class ActivationCache:
         yielded exactly once per epoch; memory is bounded by the buffer, not the cache size.
         """
         self._check_hook(hook)
+        if target_hook is not None:
+            self._check_hook(target_hook)
+            if with_grads:
+                raise ValueError("give with_grads or target_hook, not both: a batch is (x, g) or (x, y)")
         self._check_grads(with_grads)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -252,11 +258,12 @@ class ActivationCache:
         if shuffle:
             blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
         per_buffer = max(1, buffer_rows // BLOCK_ROWS) if shuffle else 1
-        kinds = self._kinds(with_grads)
+        # (hook, gradient?) of each tensor a batch holds: x, then g or y.
+        kinds = [(hook, grad) for grad in self._kinds(with_grads)] + ([(target_hook, False)] if target_hook else [])
         leftover: list[torch.Tensor] | None = None  # < batch_size rows carried to the next buffer
         for first in range(0, len(blocks), per_buffer):
             chunk = blocks[first:first + per_buffer]
-            stored = [self._read_blocks(chunk, hook, grad) for grad in kinds]  # the buffer, in the stored dtype
+            stored = [self._read_blocks(chunk, name, grad) for name, grad in kinds]  # the buffer, in the stored dtype
             n = stored[0].shape[0]
             order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
             # Gather each batch from the buffer and cast it alone: no permuted or float32

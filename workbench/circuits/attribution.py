@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .modules import circuit_modules, join, module_states, split, upstream
+from .modules import circuit_modules, join, module_states, split, transcoder_inputs, upstream
 from .pairs import ContrastivePairs, logit_diff
 
 
@@ -62,6 +62,8 @@ def _check(model, saes: dict, pairs: ContrastivePairs, method: str, steps: int) 
         raise ValueError("give at least one SAE: {hook name: sae}")
     circuit_modules(saes)
     for hook, sae in saes.items():
+        if sae.is_transcoder and hook != sae.cfg.target_hook:
+            raise ValueError(f"the transcoder given for {hook} predicts {sae.cfg.target_hook!r}: put it at that hook")
         if sae.cfg.d_in != model.cfg.d_model:
             raise ValueError(f"the SAE for {hook} reads d_in={sae.cfg.d_in}, but the model writes d_model="
                              f"{model.cfg.d_model} there")
@@ -93,7 +95,7 @@ def _transparent_gradients(model, saes, tokens, pairs, metric):
     def rewrite(x, hook):
         sae = saes[hook.name]
         with torch.no_grad():
-            f, eps = split(sae, x)
+            f, eps = split(sae, x, inputs.get(hook.name))
         f = f.requires_grad_()
         x_hat = join(sae, f, torch.zeros_like(x), x.detach())
         y = x_hat + (x - x_hat.detach())
@@ -101,7 +103,8 @@ def _transparent_gradients(model, saes, tokens, pairs, metric):
         recorded[hook.name] = (f, eps, y)
         return y
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, rewrite) for hook in saes]):
+    with torch.enable_grad(), transcoder_inputs(model, saes) as inputs, \
+            model.hooks(fwd_hooks=[(hook, rewrite) for hook in saes]):
         m = metric(model(tokens), pairs)
         hooks = list(recorded)
         wrt = [recorded[h][0] for h in hooks] + [recorded[h][2] for h in hooks]
@@ -161,11 +164,13 @@ def edge_effects(model, saes: dict, pairs: ContrastivePairs, gradients: NodeGrad
             return join(saes[hook.name], f, eps, x)
 
         def downstream(x, hook):
-            computed["f"], computed["eps"] = split(saes[down], x)
+            # A transcoder's features are computed from its input: the edges into them run
+            # through its encoder, not the MLP (Dunefsky et al. 2024's input invariance).
+            computed["f"], computed["eps"] = split(saes[down], x, inputs.get(down))
             raise _Stop
 
         hooks = [(hook, as_leaf) for hook in ups] + [(down, downstream)]
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.enable_grad(), transcoder_inputs(model, {down: saes[down]}) as inputs, model.hooks(fwd_hooks=hooks):
             try:
                 model(tokens)
             except _Stop:

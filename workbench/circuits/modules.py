@@ -11,12 +11,18 @@ consecutive modules (``upstream``), as in the paper's graph:
   attn_l ← resid_{l-1};  mlp_l ← resid_{l-1}, attn_l;  resid_l ← resid_{l-1}, attn_l, mlp_l.
 The embeddings have no SAE here, so layer 0's modules have no upstream nodes: whatever
 the embeddings contribute reaches the graph through layer 0's features and error nodes.
+
+A transcoder (Dunefsky et al. 2024) may stand at an MLP's output instead of an SAE: its
+features f = encode(MLP input) and its error ε = MLP output − decode(f). Its features then
+depend on upstream nodes only through its own encoder, not through the MLP's nonlinearity
+(the input-invariant edges that paper argues for); ε carries what the MLP adds beyond it.
+Each pass that splits a transcoder captures its input first (``transcoder_inputs``).
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,12 +75,35 @@ def upstream(modules: list[Module]) -> dict[str, list[str]]:
                      if (kind, m.layer + shift) in by_name] for m in modules}
 
 
-def split(sae, x: Tensor) -> tuple[Tensor, Tensor]:
-    """f = encode(x) and ε = x − decode(f), for x of shape [batch, pos, d_in]."""
+def split(sae, x: Tensor, x_in: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """f = encode(x) and ε = x − decode(f), for x of shape [batch, pos, d_in]; for a
+    transcoder, f = encode(x_in), its input of the same pass (``transcoder_inputs``)."""
     rows = x.reshape(-1, x.shape[-1])
-    f = sae.encode(rows)
-    eps = rows - sae.decode(f, x=rows if sae.cfg.normalize_activations != "none" else None)
+    source = rows
+    if sae.is_transcoder:
+        if x_in is None:
+            raise ValueError(f"a transcoder's features come from its input {sae.cfg.hook_name!r}: capture it in the "
+                             "same pass (transcoder_inputs)")
+        source = x_in.reshape(-1, x_in.shape[-1])
+    f = sae.encode(source)
+    eps = rows - sae.decode(f, x=source if sae.cfg.normalize_activations != "none" else None)
     return f.reshape(*x.shape[:-1], -1), eps.reshape(x.shape)
+
+
+@contextmanager
+def transcoder_inputs(model, saes: dict):
+    """While active, ``inputs[hook]`` holds the input of the transcoder at ``hook`` from the
+    current forward pass (its input hook fires before its target hook, which reads it)."""
+    inputs = {}
+
+    def store(name):
+        def hook_fn(act, hook):
+            inputs[name] = act
+        return hook_fn
+
+    hooks = [(sae.cfg.hook_name, store(hook)) for hook, sae in saes.items() if sae.is_transcoder]
+    with model.hooks(fwd_hooks=hooks):
+        yield inputs
 
 
 def join(sae, f: Tensor, eps: Tensor, x_ref: Tensor | None = None) -> Tensor:
@@ -91,10 +120,10 @@ def module_states(model, saes: dict, tokens: Tensor) -> tuple[Tensor, dict[str, 
     states = {}
 
     def record(x, hook):
-        states[hook.name] = split(saes[hook.name], x)
+        states[hook.name] = split(saes[hook.name], x, inputs.get(hook.name))
         return x
 
-    with model.hooks(fwd_hooks=[(hook, record) for hook in saes]):
+    with transcoder_inputs(model, saes) as inputs, model.hooks(fwd_hooks=[(hook, record) for hook in saes]):
         logits = model(tokens)
     return logits, states
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .circuit import Circuit, Node, find_circuit
-from .modules import circuit_modules, evaluating_all, join, module_states, split
+from .modules import circuit_modules, evaluating_all, join, module_states, split, transcoder_inputs
 from .pairs import ContrastivePairs, logit_diff
 
 
@@ -63,13 +63,13 @@ def ablated_metric(model, saes: dict, pairs: ContrastivePairs, keep: dict, means
 
     def ablate(x, hook):
         sae, (keep_f, keep_e), (mean_f, mean_e) = saes[hook.name], keep[hook.name], means[hook.name]
-        f, eps = split(sae, x)
+        f, eps = split(sae, x, inputs.get(hook.name))
         f = torch.where(keep_f.to(x.device), f, mean_f.to(x.device))
         eps = torch.where(keep_e.to(x.device)[:, None], eps, mean_e.to(x.device))
         return join(sae, f, eps, x)
 
     total = 0.0
-    with model.hooks(fwd_hooks=[(hook, ablate) for hook in keep]):
+    with transcoder_inputs(model, saes) as inputs, model.hooks(fwd_hooks=[(hook, ablate) for hook in keep]):
         for batch in pairs.batches(batch_size):
             total += float(metric(model(batch.clean.to(device)), batch).sum())
     return total / len(pairs)
@@ -120,14 +120,14 @@ def exact_node_effects(model, sae, hook: str, pairs: ContrastivePairs, nodes: li
             where = slice(None) if node.position is None else slice(node.position, node.position + 1)
 
             def substitute(x, hook, node=node, where=where, f_patch=f_patch, e_patch=e_patch):
-                f, eps = split(sae, x)
+                f, eps = split(sae, x, inputs.get(hook.name))
                 if node.feature is None:
                     eps[:, where] = e_patch[:, where]
                 else:
                     f[:, where, node.feature] = f_patch[:, where, node.feature]
                 return join(sae, f, eps, x)
 
-            with model.hooks(fwd_hooks=[(hook, substitute)]):
+            with transcoder_inputs(model, {hook: sae}) as inputs, model.hooks(fwd_hooks=[(hook, substitute)]):
                 totals[i] += float((metric(model(clean), batch) - base).sum())
     return [total / len(pairs) for total in totals]
 

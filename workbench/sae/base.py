@@ -80,6 +80,13 @@ class SAEConfig:
     reshape_activations: str = "none"
     """"hook_z": inputs may also come as [batch, n_heads, d_head] (an attention layer's
     hook_z) and are flattened to d_in = n_heads·d_head, as SAELens' hook_z SAEs."""
+    target_hook: str = ""
+    """Set for a transcoder (Dunefsky et al. 2024): the hook whose activations it predicts
+    from hook_name's, e.g. an MLP's output (blocks.L.hook_mlp_out) from its input
+    (blocks.L.ln2.hook_normalized). Empty for an SAE, which reconstructs its own input. A
+    transcoder's encoder reads its input uncentred, z = select(x W_enc + b_enc), and b_dec is
+    the output's bias, as SAELens' Transcoder; the target has the input's width (true of
+    every MLP in TransformerLens, whose input and output are both d_model)."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae", "k"):
@@ -93,7 +100,7 @@ class SAEConfig:
         if self.architecture not in REGISTRY:
             raise ValueError(f"unknown architecture {self.architecture!r}.{did_you_mean(self.architecture, REGISTRY)} "
                              f"Registered: {sorted(REGISTRY)}")
-        for name in ("hook_name", "model_name"):
+        for name in ("hook_name", "model_name", "target_hook"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string (empty when unknown), got {getattr(self, name)!r}")
         if self.normalize_activations not in NORMALIZATIONS:
@@ -103,6 +110,11 @@ class SAEConfig:
         if self.reshape_activations == "hook_z" and self.hook_name and not self.hook_name.endswith("hook_z"):
             # as SAELens (SAE.turn_on_forward_pass_hook_z_reshaping), which would refuse to export it
             raise ValueError(f"reshape_activations='hook_z' is for an attention layer's hook_z, not {self.hook_name!r}")
+        if self.target_hook and self.target_hook == self.hook_name:
+            raise ValueError(f"target_hook is the hook a transcoder predicts from hook_name's; both are {self.hook_name!r}. "
+                             "Leave target_hook empty for an SAE that reconstructs its input")
+        if self.target_hook and self.normalize_activations != "none":
+            raise ValueError("a transcoder reads its input as it is: normalize_activations must be 'none'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,10 +195,23 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # A transcoder's input is not centred by b_dec (the output's bias): it subtracts zeros.
+        self.register_buffer("_uncentred", torch.zeros(cfg.d_in), persistent=False)
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether this predicts another hook's activations (cfg.target_hook) rather than its input."""
+        return bool(self.cfg.target_hook)
+
+    @property
+    def input_bias(self) -> Tensor:
+        """What the encoder subtracts from its input: b_dec for an SAE (Gao et al. 2024, eq. 1),
+        nothing for a transcoder, whose b_dec lives in the output's space."""
+        return self._uncentred if self.is_transcoder else self.b_dec
 
     # --- the pieces an architecture may override ------------------------------------------
     def pre_acts(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x - self.input_bias) @ self.W_enc + self.b_enc
 
     def select(self, pre_acts: Float[Tensor, "batch d_sae"], **context) -> SparseCode:
         """Which latents fire and with what value. ``context`` carries e.g. gradients."""
@@ -222,9 +247,10 @@ class SparseAutoencoder(nn.Module):
     decoder norms instead (Anthropic's 2024 ReLU-L1 update)."""
 
     # --- the training hooks an architecture may override (the trainer calls them) -----------
-    def prepare(self, rows: Float[Tensor, "batch d_in"]) -> None:
+    def prepare(self, rows: Float[Tensor, "batch d_in"], targets: Float[Tensor, "batch d_in"]) -> None:
         """Called once before training, after b_dec is initialised, with rows of the first
-        batch: an architecture whose settings are in units of the data's scale sets them here."""
+        batch and what they should reconstruct (the rows themselves, or a transcoder's
+        targets): an architecture whose settings are in units of the data's scale sets them here."""
 
     def sparsity_loss(self, x: Tensor, result: ForwardResult, scale: Tensor, progress: float) -> Tensor | None:
         """The architecture's sparsity penalty for this training batch, or None (TopK-style
@@ -236,15 +262,16 @@ class SparseAutoencoder(nn.Module):
         return None
 
     @torch.no_grad()
-    def scale_encoder_to_fit(self, rows: Float[Tensor, "batch d_in"]) -> None:
-        """Scale the encoder (W_enc, b_enc) by the c that best reconstructs ``rows`` at
-        initialisation (least squares: c = ⟨x − b_dec, y⟩/‖y‖² with y the current x̂ − b_dec).
+    def scale_encoder_to_fit(self, rows: Float[Tensor, "batch d_in"], targets: Float[Tensor, "batch d_in"]) -> None:
+        """Scale the encoder (W_enc, b_enc) by the c that best reconstructs ``targets`` (the
+        rows themselves for an SAE) from ``rows`` at initialisation (least squares:
+        c = ⟨t − b_dec, y⟩/‖y‖² with t the target and y the current x̂ − b_dec).
 
         For SAEs whose activation keeps every positive pre-activation (ReLU, JumpReLU), the
         transposed-decoder start fires about half the latents per row, and their sum
         overshoots x several-fold (FVU ≫ 1 at step 0 on 2048 latents of 256 dimensions); the
         fitted scale starts them at FVU < 1, as Anthropic's small-norm initialisation does."""
-        centered = rows - self.b_dec
+        centered = targets - self.b_dec
         y = self.forward(rows).x_hat - self.b_dec
         scale = float((centered * y).sum() / y.pow(2).sum().clamp_min(1e-12))
         if scale > 0:
@@ -375,7 +402,7 @@ class SparseAutoencoder(nn.Module):
             if self.training and observe:
                 self.observe(code)
             return ForwardResult(x_hat, code, pre)
-        exact = gathered_pre_acts(x, self.b_dec, self.W_enc, self.b_enc, chosen.indices)
+        exact = gathered_pre_acts(x, self.input_bias, self.W_enc, self.b_enc, chosen.indices)
         # ReLU; a latent chosen at value 0 (fewer than k positive) stays 0 whatever its exact value.
         code = SparseCode(torch.where(chosen.values > 0, exact.relu(), 0.0), chosen.indices)
         if self.sorted_code:
@@ -397,7 +424,7 @@ class SparseAutoencoder(nn.Module):
         cols = chosen.indices[real]  # row-major: grouped by row, as CSR wants
         crow = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
         crow[1:] = real.sum(1).cumsum(0)
-        values = gathered_pre_acts_csr(x, self.b_dec, self.W_enc, self.b_enc, crow, cols).relu()
+        values = gathered_pre_acts_csr(x, self.input_bias, self.W_enc, self.b_enc, crow, cols).relu()
         x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, crow[:-1], per_sample_weights=values,
                                                   mode="sum") + self.b_dec
         return SparseCode(values.new_zeros(chosen.values.shape).masked_scatter(real, values), chosen.indices), x_hat
@@ -408,15 +435,15 @@ class SparseAutoencoder(nn.Module):
         win: an L1 or JumpReLU SAE early in training keeps about half its latents per row."""
         mask = torch.zeros(x.shape[0], self.cfg.d_sae, dtype=torch.bool, device=x.device)
         mask[real.nonzero()[:, 0], chosen.indices[real]] = True
-        z = ((x - self.b_dec) @ self.W_enc + self.b_enc).relu() * mask
+        z = self.pre_acts(x).relu() * mask
         values = z.gather(1, chosen.indices) * real  # a padding slot may repeat a real latent: it stays 0
         return SparseCode(values, chosen.indices), z @ self.W_dec + self.b_dec
 
     @torch.no_grad()
     def _selection_pre_acts(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """(x − b_dec) W_enc + b_enc at ``dtype``, as one matmul into a reused buffer.
+        """(x − input_bias) W_enc + b_enc at ``dtype``, as one matmul into a reused buffer.
 
-        Both biases fold into one extra input column: [x, 1] · [W_enc; b_enc − b_decᵀW_enc].
+        Both biases fold into one extra input column: [x, 1] · [W_enc; b_enc − input_biasᵀW_enc].
         Writing into a buffer kept between steps halves the time of this matmul on CPU,
         where a fresh [batch, d_sae] output costs as much in page faults as the product.
         """
@@ -430,7 +457,7 @@ class SparseAutoencoder(nn.Module):
             scratch["x"][:, d_in] = 1
         weights = torch.empty(d_sae, width, dtype=dtype, device=x.device)  # column-major [width, d_sae]
         weights[:, :d_in] = self.W_enc.T
-        weights[:, d_in] = self.b_enc - self.b_dec @ self.W_enc
+        weights[:, d_in] = self.b_enc - self.input_bias @ self.W_enc
         weights[:, d_in + 1:] = 0
         scratch["x"][:, :d_in] = x
         return torch.mm(scratch["x"], weights.T, out=scratch["out"])

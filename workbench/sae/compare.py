@@ -13,7 +13,8 @@ from .base import did_you_mean
 def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8, batch_size: int = 4096,
                  progress: bool = True) -> list[dict]:
     """Reconstruction metrics of each SAE on ``n_batches`` of its hook in ``cache`` and, when
-    ``model`` and ``tokens`` are given, the CE loss with it spliced in (and KL).
+    ``model`` and ``tokens`` are given, the CE loss with it spliced in (and KL). A transcoder
+    is scored on predicting its target hook (also in the cache) and spliced in its place.
 
     Every SAE is checked against the cache (and the model) before any is evaluated, so a
     mismatched one fails at once, not after the others' evaluations."""
@@ -30,17 +31,22 @@ def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8,
         if cache.d(hook) != sae.cfg.d_in:
             raise ValueError(f"{name} reads {sae.cfg.d_in} values per row, but the cache holds {cache.d(hook)} for "
                              f"{hook!r}: the SAE was trained on another model or hook.")
+        if sae.is_transcoder and sae.cfg.target_hook not in cache.hooks:
+            raise ValueError(f"{name} is a transcoder to {sae.cfg.target_hook!r}, which is not in this cache (it has "
+                             f"{cache.hooks}): cache its input and target hooks together")
         if model is not None:
-            check_splice(model, sae, hook, tokens)
+            check_splice(model, sae, None, tokens)
     rows = []
     for sae in tqdm(saes, desc="evaluate SAEs", disable=not progress):
         hook = sae.cfg.hook_name
-        batches = list(itertools.islice(cache.batches(hook, batch_size, seed=999, with_grads=sae.architecture == "gradient"), n_batches))
+        batches = list(itertools.islice(cache.batches(hook, batch_size, seed=999, with_grads=sae.architecture == "gradient",
+                                                      target_hook=sae.cfg.target_hook or None), n_batches))
         metrics = reconstruction_metrics(sae, batches)
-        row = {"architecture": sae.architecture, "k": sae.cfg.k if sae.uses_k else "—", "d_sae": sae.cfg.d_sae, "hook": hook,
+        shown = f"{hook} → {sae.cfg.target_hook}" if sae.is_transcoder else hook
+        row = {"architecture": sae.architecture, "k": sae.cfg.k if sae.uses_k else "—", "d_sae": sae.cfg.d_sae, "hook": shown,
                "fvu": metrics.fvu, "l0": metrics.l0, "dead_fraction": metrics.dead_fraction}
         if model is not None and tokens is not None:
-            downstream = downstream_metrics(model, sae, tokens, hook=hook)
+            downstream = downstream_metrics(model, sae, tokens)
             row.update(ce_clean=downstream.ce_clean, ce_spliced=downstream.ce_spliced, kl=downstream.kl,
                        ce_recovered_vs_zero=downstream.ce_recovered_vs_zero)
         rows.append(row)

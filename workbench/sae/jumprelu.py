@@ -20,7 +20,7 @@ Optional, ``target_l0``: Gemma Scope 2's quadratic penalty around a target L0 in
 near T without searching λ: the matched-L0 comparisons with TopK ask for that.
 
 Units: the paper normalises activations to unit mean squared norm and sets θ₀ = ε = 0.001.
-Here ``prepare`` measures the data's scale s = √(E‖x − b_dec‖²) on the first batch, and θ
+Here ``prepare`` measures the data's scale s = √(E‖x − input_bias‖²) on the first batch, and θ
 is held as u·s·t (the parameter t, u = threshold_unit), starting at θ₀ = threshold_init·s,
 and ε = bandwidth·s: the paper's setting on unnormalised data. Adam moves a parameter by
 about lr per step whatever its scale, so θ itself as the parameter would move by ~0.005 a
@@ -131,11 +131,11 @@ class JumpReLUSAE(SparseAutoencoder):
         self.theta.copy_(threshold / (self.cfg.threshold_unit * self.scale))
 
     @torch.no_grad()
-    def prepare(self, rows: Tensor) -> None:
-        data_scale = float((rows - self.b_dec).pow(2).sum(-1).mean().sqrt().clamp_min(1e-12))
+    def prepare(self, rows: Tensor, targets: Tensor) -> None:
+        data_scale = float((rows - self.input_bias).pow(2).sum(-1).mean().sqrt().clamp_min(1e-12))
         self.scale.fill_(data_scale)
         self.theta.fill_(self.cfg.threshold_init / self.cfg.threshold_unit)
-        self.scale_encoder_to_fit(rows)
+        self.scale_encoder_to_fit(rows, targets)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -166,7 +166,7 @@ class JumpReLUSAE(SparseAutoencoder):
         margin = pre_acts.abs() * 2 ** -7 if pre_acts.dtype == torch.bfloat16 else 0.0
         near = (pre_acts.float() - threshold).abs() < eps / 2 + margin
         rows, latents = near.nonzero(as_tuple=True)
-        exact = ((x[rows] - self.b_dec) * self.W_enc.T[latents]).sum(-1) + self.b_enc[latents]
+        exact = ((x[rows] - self.input_bias) * self.W_enc.T[latents]).sum(-1) + self.b_enc[latents]
         inside = (exact - threshold[latents]).abs() < eps / 2
         return rows[inside], latents[inside]
 

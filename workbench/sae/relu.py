@@ -54,8 +54,8 @@ class ReLUSAE(SparseAutoencoder):
     unit_norm_decoder = False
     no_k_annealing_because = "its L0 comes from the L1 penalty, not from a k"
 
-    def prepare(self, rows: Tensor) -> None:
-        self.scale_encoder_to_fit(rows)
+    def prepare(self, rows: Tensor, targets: Tensor) -> None:
+        self.scale_encoder_to_fit(rows, targets)
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         self.refuse_k(k)

@@ -32,6 +32,10 @@ class TrainConfig:
     """Architecture extras, e.g. {"beta": 1.0} (gradient) or {"prefixes": [...]} (matryoshka)."""
     hook_name: str = ""
     """Hook to read from an ActivationCache (and recorded as metadata)."""
+    target_hook: str = ""
+    """Train a transcoder (Dunefsky et al. 2024): predict this hook's activations from
+    hook_name's, e.g. blocks.L.hook_mlp_out from blocks.L.ln2.hook_normalized (a cache of
+    both, written in one pass: ``transcoder_hooks``). Batches are then (x, y) pairs."""
     model_name: str = ""
     """Model the activations came from (metadata)."""
     batch_size: int = 4096
@@ -98,6 +102,11 @@ class TrainConfig:
             raise ValueError(f"selection_precision must be auto, bfloat16 or float32, got {self.selection_precision!r}")
         if self.total_tokens is not None and self.total_tokens < self.batch_size:
             raise ValueError(f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})")
+        if self.target_hook and self.needs_grads:
+            raise ValueError("the gradient SAE selects with ∂L/∂x of its own input; it cannot be a transcoder "
+                             "(target_hook): use another architecture")
+        if self.target_hook and self.target_hook == self.hook_name:
+            raise ValueError(f"target_hook is the hook a transcoder predicts from hook_name's; both are {self.hook_name!r}")
         if self.k_anneal_tokens > 0:
             sae_class = REGISTRY[self.architecture][0]
             if not sae_class.supports_k_annealing:

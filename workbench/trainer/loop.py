@@ -1,7 +1,8 @@
 """``train_sae`` / ``train_saes``: feed one stream of batches to one or several SAEs.
 
-The loop knows nothing about models: data is any iterable of batches (tensors, or
-``(x, g)`` pairs for the gradient SAE), a tensor of rows, or an ``ActivationCache``.
+The loop knows nothing about models: data is any iterable of batches (tensors, ``(x, g)``
+pairs for the gradient SAE, ``(x, y)`` pairs for a transcoder), a tensor of rows, or an
+``ActivationCache``.
 What a run folder holds, and why a kill at any point resumes exactly: ``run_folder``.
 """
 
@@ -40,7 +41,8 @@ def _batches(data, cfg: TrainConfig, with_grads: bool) -> Iterator:
     if isinstance(data, ActivationCache):
         if not cfg.hook_name:
             raise ValueError(f"training from a cache needs TrainConfig.hook_name; the cache has {data.hooks}")
-        stream = data.batches(cfg.hook_name, cfg.batch_size, seed=cfg.seed, with_grads=with_grads, drop_last=True)
+        stream = data.batches(cfg.hook_name, cfg.batch_size, seed=cfg.seed, with_grads=with_grads, drop_last=True,
+                              target_hook=cfg.target_hook or None)
     elif isinstance(data, torch.Tensor):
         if data.ndim != 2:
             raise ValueError(f"a tensor of training rows must be [n, d_in], got shape {tuple(data.shape)}")
@@ -57,7 +59,8 @@ def _batches(data, cfg: TrainConfig, with_grads: bool) -> Iterator:
 def _split(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
-            raise ValueError(f"a batch must be a tensor x or an (x, g) pair, got a {type(batch).__name__} of {len(batch)}")
+            raise ValueError(f"a batch must be a tensor x or an (x, g) or (x, y) pair, got a {type(batch).__name__} of "
+                             f"{len(batch)}")
         x, g = batch
         return x.to(device, torch.float32), g.to(device, torch.float32)
     return batch.to(device, torch.float32), None
@@ -111,13 +114,14 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     """
     if not configs:
         raise ValueError("give at least one TrainConfig")
-    shared = {(c.batch_size, c.seed, c.hook_name, c.total_tokens) for c in configs}
+    shared = {(c.batch_size, c.seed, c.hook_name, c.target_hook, c.total_tokens) for c in configs}
     if len(shared) > 1:
-        raise ValueError("SAEs trained from one stream must share batch_size, seed, hook_name and total_tokens")
+        raise ValueError("SAEs trained from one stream must share batch_size, seed, hook_name, target_hook and total_tokens")
     lead = configs[0]
     device = torch.device(lead.device) if lead.device else best_device()
     grads_needed = _grads_needed(data, configs)
     with_grads = grads_needed is not None
+    targets_needed = _targets_needed(data, lead)
     rank, world = rank_and_world()
     run = RunFolder(run_dir, configs, data, world) if run_dir is not None else None
     plan = run.plan(resume) if run else "fresh"
@@ -133,18 +137,22 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     first = next(stream, None)
     if first is None:
         raise ValueError("the data yielded no batch (is it smaller than one batch_size?)")
-    x0, _ = _split(first, device)
+    x0, second = _split(first, device)
+    if targets_needed:
+        _check_targets(x0, second, 0, targets_needed)
+    y0 = second if targets_needed else x0  # what b_dec (the output's bias) starts from
     d_in = x0.shape[1]
-    init_rows = x0[torch.isfinite(x0).all(1)]  # NaN rows would make b_dec NaN (they are reported below)
+    finite = torch.isfinite(x0).all(1) & torch.isfinite(y0).all(1)  # NaN rows would make b_dec NaN (reported below)
+    init_rows, init_targets = x0[finite], y0[finite]
 
     trainers = []
     for i, cfg in enumerate(configs):
         torch.manual_seed(cfg.seed)
         sae = saes.create(cfg.architecture, d_in, cfg.d_sae, cfg.k, hook_name=cfg.hook_name,
-                          model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
+                          target_hook=cfg.target_hook, model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
         if init_rows.shape[0]:
-            _init_b_dec(sae, init_rows[: cfg.init_samples], cfg.b_dec_init)
-            sae.prepare(init_rows[: cfg.init_samples])
+            _init_b_dec(sae, init_targets[: cfg.init_samples], cfg.b_dec_init)
+            sae.prepare(init_rows[: cfg.init_samples], init_targets[: cfg.init_samples])
         _broadcast_from_rank_zero(sae)
         trainers.append(SAETrainer(sae, cfg))
     names = run.names if run else [f"{i}-{c.architecture}" for i, c in enumerate(configs)]
@@ -191,10 +199,14 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     where = functools.partial(_where, data, lead, rank, world)  # where(index): the batch, in words for errors
     with _interrupts_between_steps() as interrupted:
         for index, batch in enumerate(bar, start):
-            x, g = _split(batch, device)
+            x, second = _split(batch, device)
+            g = second if with_grads else None
+            y = second if targets_needed else None
             if with_grads:
                 _check_grads(x, g, index, grads_needed)
-            problem = _nonfinite(x, g if with_grads else None)
+            if targets_needed:
+                _check_targets(x, y, index, targets_needed)
+            problem = _nonfinite(x=x, g=g, y=y)
             bad = any_rank(problem is not None, device)  # every replica skips, or none does
             if bad and not lead.skip_nonfinite:
                 raise NonFiniteError(f"{where(index)} has {problem or 'NaN/inf on another rank'}. Nothing was trained on "
@@ -211,7 +223,7 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
                     trainer.skip()
                     continue
                 try:
-                    stats = trainer.step(x, g if trainer.cfg.needs_grads else None)
+                    stats = trainer.step(x, g if trainer.cfg.needs_grads else None, y)
                 except NonFiniteError as err:
                     raise NonFiniteError(f"{where(index)}, SAE {names[i]}: {err}. Nothing was trained on this batch"
                                          f"{_checkpoints_kept(run)}.") from None
@@ -290,10 +302,34 @@ def _check_grads(x: torch.Tensor, g: torch.Tensor | None, index: int, why: str) 
                          "gradient per activation")
 
 
-def _nonfinite(x: torch.Tensor, g: torch.Tensor | None) -> str | None:
+def _targets_needed(data, cfg: TrainConfig) -> str | None:
+    """Why this sweep needs (x, y) batches (for messages), or None; refuses data that has no y."""
+    from ..cache import ActivationCache
+
+    if not cfg.target_hook:
+        return None
+    why = f"a transcoder predicts {cfg.target_hook!r} from {cfg.hook_name or 'its input'!r}, so it needs (x, y) batches"
+    if isinstance(data, ActivationCache) and cfg.target_hook not in data.hooks:
+        raise ValueError(f"{why}, but the cache {data.path} holds {data.hooks}: cache both hooks in one pass, "
+                         f"cache_activations(model, tokens, [{cfg.hook_name!r}, {cfg.target_hook!r}], ...)")
+    if isinstance(data, torch.Tensor):
+        raise ValueError(f"{why}, but a tensor holds one activation per row: give an ActivationCache of both hooks, "
+                         "or an iterable of (x, y) pairs")
+    return why
+
+
+def _check_targets(x: torch.Tensor, y: torch.Tensor | None, index: int, why: str) -> None:
+    if y is None:
+        raise ValueError(f"{why}, but batch {index} is a single tensor: give (x, y) pairs")
+    if y.shape != x.shape:
+        raise ValueError(f"batch {index}: y has shape {tuple(y.shape)} but x has {tuple(x.shape)}; a transcoder here "
+                         "predicts a target of its input's width, one row per input row")
+
+
+def _nonfinite(**tensors: torch.Tensor | None) -> str | None:
     """What in the batch is NaN/inf ("3 NaN/inf entries in x, in rows [5, 9] of the batch"), or None."""
     found = []
-    for name, tensor in (("x", x), ("g", g)):
+    for name, tensor in tensors.items():
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             bad = ~torch.isfinite(tensor)
             rows = bad.any(-1).nonzero().squeeze(1).tolist()

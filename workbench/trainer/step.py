@@ -101,20 +101,21 @@ class SAETrainer:
         return round(start + (k - start) * self.tokens_seen / self.cfg.k_anneal_tokens)
 
     # --- the step --------------------------------------------------------------------------
-    def aux_loss(self, x: Tensor, x_hat: Tensor, pre_acts: Tensor) -> Tensor:
-        """AuxK (Gao et al. 2024 §A.2): the top-k_aux dead latents reconstruct the residual.
+    def aux_loss(self, x: Tensor, target: Tensor, x_hat: Tensor, pre_acts: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024 §A.2): the top-k_aux dead latents reconstruct the residual
+        ``target`` − x̂ (``target`` is x, or a transcoder's output).
 
         ``pre_acts`` (detached) only choose the latents; their values are recomputed exactly
         with gradients, so the encoder of dead latents learns too."""
         dead = (self.tokens_since_fired >= self.dead_tokens).nonzero().squeeze(1)
         if dead.numel() == 0:
             return x.new_zeros(())
-        residual = (x - x_hat).detach()
+        residual = (target - x_hat).detach()
         with torch.no_grad():
             best = pre_acts[:, dead].topk(min(self.aux_k, dead.numel()), dim=-1, sorted=False).indices
         indices = dead[best]
         sae = self.sae
-        code = SparseCode(gathered_pre_acts(x, sae.b_dec, sae.W_enc, sae.b_enc, indices).relu(), indices)
+        code = SparseCode(gathered_pre_acts(x, sae.input_bias, sae.W_enc, sae.b_enc, indices).relu(), indices)
         residual_hat = self.sae.decode_sparse(code) - self.sae.b_dec
         return (residual_hat - residual).pow(2).sum(-1).mean()
 
@@ -123,10 +124,11 @@ class SAETrainer:
         self.skipped.append(self.step_count)
         self.step_count += 1
 
-    def step(self, x: Tensor, g: Tensor | None = None) -> StepStats | None:
+    def step(self, x: Tensor, g: Tensor | None = None, y: Tensor | None = None) -> StepStats | None:
         """One optimiser step on this process's batch ``x`` (under torchrun, each rank
         steps on its own batch and the gradients are averaged, so one step sees
-        world × batch rows).
+        world × batch rows). ``g``: the loss gradient at x (the gradient SAE); ``y``: a
+        transcoder's target, what it learns to predict from x (an SAE's target is x).
 
         A non-finite loss or gradient norm (on any rank) leaves the SAE, its optimiser and
         its statistics untouched: with ``cfg.skip_nonfinite`` the batch is counted as
@@ -147,11 +149,15 @@ class SAETrainer:
         # Not observed yet (θ, BatchTopK's inference threshold): only once the step is known
         # to be finite, so a skipped batch leaves no trace in the SAE.
         result = sae.forward_train(x, self.selection_dtype, observe=False, **select_kwargs)
+        if sae.is_transcoder != (y is not None):
+            raise ValueError("a transcoder trains on (x, y) pairs, an SAE on x alone: "
+                             f"this {'transcoder' if sae.is_transcoder else 'SAE'} got {'no' if y is None else 'a'} y")
+        target = x if y is None else y
         # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
         # depend on the activations' scale.
-        variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        recon = sae.reconstruction_loss(x, result) / variance
-        aux = self.aux_loss(x, result.x_hat, result.pre_acts) / variance if sae.uses_aux_k else x.new_zeros(())
+        variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        recon = sae.reconstruction_loss(target, result) / variance
+        aux = self.aux_loss(x, target, result.x_hat, result.pre_acts) / variance if sae.uses_aux_k else x.new_zeros(())
         penalty = sae.sparsity_loss(x, result, variance.sqrt(), self.progress())
         loss = recon + cfg.aux_alpha * aux + (penalty if penalty is not None else 0.0)
         sae.zero_grad(set_to_none=True)  # the module: its W_enc is not the tensor Adam holds
@@ -193,7 +199,7 @@ class SAETrainer:
             fired = self._sync_across_ranks(fired)
             self.tokens_since_fired += x.shape[0] * world
             self.tokens_since_fired[fired] = 0
-            fvu = float((result.x_hat - x).pow(2).sum(-1).mean() / variance)
+            fvu = float((result.x_hat - target).pow(2).sum(-1).mean() / variance)
             l0 = float((result.code.values > 0).sum(-1).float().mean())
         self.step_count += 1
         self.tokens_seen += x.shape[0] * world
