@@ -19,7 +19,7 @@ from workbench.cache import ActivationCache, cache_activations
 from workbench.evals import downstream_metrics, reconstruction_metrics, spliced_loss
 from workbench.sae import ARCHITECTURES, load, transcoder_hooks
 from workbench.sae.compare import compare_saes
-from workbench.trainer import TrainConfig, train_sae, train_saes
+from workbench.trainer import TrainConfig, geometric_median, train_sae, train_saes
 
 SMALL = synthetic.superposition(d=32, n_features=128, avg_active=3, seed=0)
 D_OUT = synthetic.superposition(d=32, n_features=128, avg_active=3, seed=1).features  # another unit dictionary
@@ -65,16 +65,18 @@ def test_every_architecture_learns_the_synthetic_map(arch):
 
 
 @pytest.mark.parametrize("arch", TRANSCODING)
-def test_the_input_is_read_uncentred_and_the_training_forward_matches(arch):
-    """z = select(x W_enc + b_enc): b_dec is the output's bias and never touches the input (SAELens'
-    Transcoder); the sparse training forward gives the inference forward's code and prediction."""
+def test_the_input_is_centred_apart_from_b_dec_and_the_training_forward_matches(arch):
+    """z = select((x − c) W_enc + b_enc) with c the fixed input_centre: b_dec is the output's bias
+    and never touches the input (as SAELens' Transcoder); the sparse training forward gives the
+    inference forward's code and prediction."""
     torch.manual_seed(0)
     sae = wb.sae.create(arch, d_in=32, d_sae=128, k=4, hook_name=SOURCE, target_hook=TARGET)
     with torch.no_grad():
         sae.b_dec.copy_(torch.randn(32) * 3)
+        sae.input_centre.copy_(torch.randn(32) * 0.1)
         sae.b_enc.copy_(torch.randn(128) * 0.1)
     x, _ = next(_pairs(64, 64, seed=3))
-    torch.testing.assert_close(sae.pre_acts(x), x @ sae.W_enc + sae.b_enc)
+    torch.testing.assert_close(sae.pre_acts(x), (x - sae.input_centre) @ sae.W_enc + sae.b_enc)
     sae.eval()
     expected = sae(x)
     sae.train()
@@ -96,6 +98,11 @@ def test_a_transcoder_saves_loads_and_resumes_exactly(tmp_path):
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     saved = load(tmp_path / "b" / "0-topk-k4-128")
     assert saved.is_transcoder and saved.cfg.target_hook == TARGET and saved.cfg.hook_name == SOURCE
+    # the trainer centred the input on the first batch's geometric median (it is saved, and never trained)
+    first_x, first_y = next(_pairs(256, 256, seed=1))
+    torch.testing.assert_close(saved.input_centre, geometric_median(first_x))
+    torch.testing.assert_close(straight.b_dec.detach(), resumed.b_dec.detach())
+    assert "input_centre" not in dict(saved.named_parameters())
     x, _ = next(_pairs(64, 64, seed=4))
     assert torch.equal(saved(x).x_hat, resumed(x).x_hat)
 

@@ -84,9 +84,9 @@ class SAEConfig:
     """Set for a transcoder (Dunefsky et al. 2024): the hook whose activations it predicts
     from hook_name's, e.g. an MLP's output (blocks.L.hook_mlp_out) from its input
     (blocks.L.ln2.hook_normalized). Empty for an SAE, which reconstructs its own input. A
-    transcoder's encoder reads its input uncentred, z = select(x W_enc + b_enc), and b_dec is
-    the output's bias, as SAELens' Transcoder; the target has the input's width (true of
-    every MLP in TransformerLens, whose input and output are both d_model)."""
+    transcoder's b_dec is the output's bias (as SAELens' Transcoder); its encoder subtracts
+    a fixed ``input_centre`` instead, z = select((x − c) W_enc + b_enc); the target has the
+    input's width (true of every MLP in TransformerLens: input and output are both d_model)."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae", "k"):
@@ -195,8 +195,12 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        # A transcoder's input is not centred by b_dec (the output's bias): it subtracts zeros.
-        self.register_buffer("_uncentred", torch.zeros(cfg.d_in), persistent=False)
+        if cfg.target_hook:
+            # A transcoder's b_dec is the output's bias, so its input is centred by a fixed
+            # vector instead, set by the trainer to the inputs' geometric median. (Uncentred,
+            # the inputs' shared direction pushes every pre-activation one way: on block 2's
+            # MLP of the default model, 39% of a k=8 transcoder's latents ended dead, 2% centred.)
+            self.register_buffer("input_centre", torch.zeros(cfg.d_in))
 
     @property
     def is_transcoder(self) -> bool:
@@ -206,8 +210,8 @@ class SparseAutoencoder(nn.Module):
     @property
     def input_bias(self) -> Tensor:
         """What the encoder subtracts from its input: b_dec for an SAE (Gao et al. 2024, eq. 1),
-        nothing for a transcoder, whose b_dec lives in the output's space."""
-        return self._uncentred if self.is_transcoder else self.b_dec
+        the fixed input_centre for a transcoder, whose b_dec lives in the output's space."""
+        return self.input_centre if self.is_transcoder else self.b_dec
 
     # --- the pieces an architecture may override ------------------------------------------
     def pre_acts(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:

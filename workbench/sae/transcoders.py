@@ -1,7 +1,8 @@
 """Transcoders (Dunefsky, Chlenski & Nanda 2024): a sparse map from an MLP's input to its output.
 
 Any architecture becomes a transcoder when its config names a ``target_hook``: it encodes
-the input hook's activations and decodes a prediction of the target's (``SAEConfig``). The
+the input hook's activations (centred by a fixed ``input_centre``) and decodes a prediction
+of the target's (``SAEConfig``). The
 trainer then takes (x, y) batches, from one cache of both hooks written in one pass; the
 evals splice the prediction in place of the MLP's output (CE with the MLP replaced); the
 circuits module takes it at the MLP's output, its features computed from the MLP's input.

@@ -75,12 +75,13 @@ def _broadcast_from_rank_zero(sae) -> None:
                 torch.distributed.broadcast(collective_view(tensor.data), src=0)
 
 
-def _init_b_dec(sae, rows: torch.Tensor, how: str) -> None:
+def _init_centre(centre: torch.Tensor, rows: torch.Tensor, how: str) -> None:
+    """b_dec (or a transcoder's input_centre) from the first rows: TrainConfig.b_dec_init."""
     with torch.no_grad():
         if how == "geometric_median":
-            sae.b_dec.copy_(geometric_median(rows))
+            centre.copy_(geometric_median(rows))
         elif how == "mean":
-            sae.b_dec.copy_(rows.mean(0))
+            centre.copy_(rows.mean(0))
 
 
 def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = None, resume: bool | str = True,
@@ -151,7 +152,9 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
         sae = saes.create(cfg.architecture, d_in, cfg.d_sae, cfg.k, hook_name=cfg.hook_name,
                           target_hook=cfg.target_hook, model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
         if init_rows.shape[0]:
-            _init_b_dec(sae, init_targets[: cfg.init_samples], cfg.b_dec_init)
+            _init_centre(sae.b_dec, init_targets[: cfg.init_samples], cfg.b_dec_init)
+            if sae.is_transcoder:
+                _init_centre(sae.input_centre, init_rows[: cfg.init_samples], cfg.b_dec_init)
             sae.prepare(init_rows[: cfg.init_samples], init_targets[: cfg.init_samples])
         _broadcast_from_rank_zero(sae)
         trainers.append(SAETrainer(sae, cfg))
