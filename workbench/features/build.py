@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..evals import evaluating
 from ..paths import atomic_write_text
+from .attention import attention_layer, decoder_in_residual, head_attribution
 from .store import FILES, INDEX_FILE, QUANTILES, FeatureIndex, write_array
 
 FORMAT = 1
@@ -229,7 +230,8 @@ def _contexts(cache, values, indices, chosen_rows, chosen_values, window, progre
 
 @torch.no_grad()
 def _decoder_tables(sae, model, n_related: int, block: int = 1024) -> dict:
-    """Nearest features by decoder cosine; promoted/suppressed tokens when a model is given."""
+    """Nearest features by decoder cosine; promoted/suppressed tokens when a model is given
+    (for an attention-output SAE, through W_O, with each head's share of the decoder norm)."""
     W = sae.W_dec.detach().float().cpu()
     unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
     d_sae, m = W.shape[0], min(n_related, W.shape[0] - 1)
@@ -241,6 +243,9 @@ def _decoder_tables(sae, model, n_related: int, block: int = 1024) -> dict:
         top = cos.topk(m, dim=1)
         near_ids[f0:f0 + block], near_cos[f0:f0 + block] = top.indices.numpy(), top.values.numpy()
     out.update(neighbour_ids=near_ids, neighbour_cos=near_cos)
+    if model is not None and attention_layer(sae) is not None:
+        out["head_share"] = head_attribution(sae, model.cfg.n_heads).cpu().numpy().astype(np.float32)
+        W = decoder_in_residual(sae, model)  # the direction the layer writes into the residual stream
     if model is not None:
         W_U = model.W_U.detach().float().cpu()
         ln = getattr(model, "ln_final", None)

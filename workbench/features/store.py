@@ -36,6 +36,7 @@ FILES = {
     "logit_bottom_ids": "tokens it suppresses most", "logit_bottom_values": "their logit effects",
     "logit_histogram": "counts of W_dec[f]·W_U over the vocabulary, 32 bins of logit_range",
     "logit_range": "min and max of W_dec[f]·W_U",
+    "head_share": "attention-output SAEs: share of the decoder norm in each head's slice (Kissane et al. 2024)",
 }
 
 
@@ -164,6 +165,11 @@ class FeatureIndex:
                 "bottom": list(zip(self.table("logit_bottom_ids", f).tolist(),
                                    self.table("logit_bottom_values", f).tolist())),
                 "histogram": self.table("logit_histogram", f), "edges": np.linspace(lo, hi, 33)}
+
+    def head_shares(self, f: int) -> list[float] | None:
+        """An attention-output SAE's feature f: its share of decoder norm per head (None for
+        other SAEs, or an index built without the model)."""
+        return self.table("head_share", f).tolist() if "head_share" in self._tables else None
 
     def __repr__(self) -> str:
         return (f"FeatureIndex({self.path}: {self.d_sae:,} features of {self.meta['sae_architecture']} k={self.meta['k']} "

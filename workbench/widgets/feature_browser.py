@@ -74,7 +74,8 @@ def feature_data(index, f: int, vocab: list[str]) -> dict:
                   "histogram": logits["histogram"].tolist(), "edges": [float(logits["edges"][0]), float(logits["edges"][-1])]}
     return {"feature": int(f), "d_sae": index.d_sae, "hook": index.meta["hook"], "n_rows": index.n_rows, "stats": stats,
             "histogram": {"counts": counts.tolist(), "max": float(edges[-1])}, "contexts": contexts, "logits": logits,
-            "neighbours": index.neighbours(f), "correlated": index.correlated(f), "cooccurring": index.cooccurring(f)}
+            "neighbours": index.neighbours(f), "correlated": index.correlated(f), "cooccurring": index.cooccurring(f),
+            "heads": index.head_shares(f)}
 
 
 def search_features(index, query: str, vocab: list[str], limit: int = 20) -> list[tuple[int, int]]:
@@ -119,6 +120,28 @@ def prompt_features(model, sae, text: str, n: int = 5, vocab: list[str] | None =
             "code": (code.values.cpu(), code.indices.cpu())}
 
 
+@torch.no_grad()
+def prompt_sources(model, sae, prompt: dict, f: int) -> dict | None:
+    """For an attention-output SAE: where feature f reads from at its strongest token of the
+    prompt, as a line of tokens valued by their direct feature attribution (summed over heads;
+    each token's info lists the heads). None for other SAEs, or when f does not fire there."""
+    from ..features.attention import attention_layer, direct_feature_attribution
+
+    acts = activation_of(prompt, f)
+    if attention_layer(sae) is None or max(acts, default=0.0) <= 0:
+        return None
+    query = int(np.argmax(acts))
+    dfa = direct_feature_attribution(model, sae, torch.tensor(prompt["ids"]), f, query)
+    tokens = []
+    for s, text in enumerate(prompt["tokens"]):
+        heads = dfa.by_head_and_source[:, s].tolist() if s <= query else []
+        tokens.append({"text": text, "value": finite(float(sum(heads))) if heads else 0.0,
+                       "info": [{"title": f"DFA to feature {f} at token {query}, by head",
+                                 "rows": [{"label": f"head {h}", "value": finite(v)} for h, v in enumerate(heads)]}]})
+    return {"query": query, "pre_activation": dfa.pre_activation, "bias": dfa.bias, "by_head": dfa.by_head.tolist(),
+            "tokens": tokens}
+
+
 def activation_of(prompt: dict, f: int) -> list[float]:
     """Feature f's activation at every token of a ``prompt_features`` result."""
     values, indices = prompt["code"]
@@ -152,7 +175,21 @@ def stats_html(data: dict) -> str:
     return (f'<div class="wb-panel-title">activations (nonzero)</div>'
             f'<div>max {s["max"]:.3g} · mean {s["mean"]:.3g} · {int(s["count"]):,} rows</div>'
             f'<div style="font-size:11px">{quantiles}</div>{_bars(h["counts"])}'
-            f'<div style="font-size:11px;display:flex;justify-content:space-between"><span>0</span><span>{h["max"]:.3g}</span></div>')
+            f'<div style="font-size:11px;display:flex;justify-content:space-between"><span>0</span><span>{h["max"]:.3g}</span></div>'
+            + heads_html(data))
+
+
+def heads_html(data: dict) -> str:
+    """An attention-output SAE's feature: its share of decoder norm per head, one bar each."""
+    shares = data.get("heads")
+    if not shares:
+        return ""
+    top = int(np.argmax(shares))
+    bars = "".join(f'<div title="head {h}: {v:.1%}" style="display:flex;align-items:center;gap:4px;font-size:11px">'
+                   f'<span style="width:44px">head {h}</span><span style="display:inline-block;height:8px;'
+                   f'width:{200 * v:.0f}px;background:{"#0072B2" if h == top else "#999"}"></span>{v:.0%}</div>'
+                   for h, v in enumerate(shares))
+    return (f'<div class="wb-panel-title wb-heads">heads writing it (share of decoder norm)</div>{bars}')
 
 
 def logits_html(data: dict) -> str:
@@ -417,12 +454,19 @@ class FeatureBrowser(widgets.VBox):
                      "rows": [{"label": f"feature {j}", "value": v, "neuron": j} for j, v in feats]}]
             tokens.append({"text": text, "value": finite(value), "info": info})
         peak = max((abs(a) for a in acts), default=0.0) or self.data["stats"]["max"] or 1.0
+        lines = [{"label": "", "marked": None, "tokens": tokens}]
+        title = (f"feature {f} on your text (max {max(acts, default=0):.3g}); hover or click a token for the features "
+                 "that fire there")
+        sources = prompt_sources(self.model, self.sae, self.prompt, f)
+        if sources is not None:  # an attention-output SAE: where the feature reads from (Kissane et al. 2024)
+            lines.append({"label": "reads from", "marked": sources["query"], "tokens": sources["tokens"]})
+            title += (f"; second line: each source token's direct feature attribution to it at token "
+                      f"{sources['query']} (bold), summed over heads (hover for each head)")
         with self.prompt_view.hold_sync():
             self.prompt_view.error = ""
             self.prompt_view.scale = {"min": -peak, "max": peak, "label": f"feature {f}", "diverging": True}
-            self.prompt_view.title = (f"feature {f} on your text (max {max(acts, default=0):.3g}); hover or click a "
-                                      "token for the features that fire there")
-            self.prompt_view.lines = [{"label": "", "marked": None, "tokens": tokens}]
+            self.prompt_view.title = title
+            self.prompt_view.lines = lines
 
     def _on_msg(self, widget, content, buffers) -> None:
         if isinstance(content, dict) and "select_neuron" in content:
