@@ -183,6 +183,16 @@ def _feature_browser(lab) -> None:
     assert record["p95_s"] < 2.0, record  # a loose bound for a loaded CI machine; the benchmark reports the numbers
 
 
+def _attention_browser(lab) -> None:
+    """Notebook 05's second browser, over an attention-output SAE: the heads writing the
+    feature are drawn, and the prompt view has the line of where the feature reads from."""
+    scope = ".wb-attention-browser"
+    lab.wait_for_text(f"{scope} .wb-feature-stats", "heads writing it", timeout_s=60)
+    assert lab.locator(f"{scope} .wb-feature-stats").inner_text().count("head ") >= 2
+    lab.wait_for_text(f"{scope} .wb-prompt-features", "reads from", timeout_s=60)
+    lab.locator(f"{scope}").scroll_into_view_if_needed()
+
+
 def _circuit_viewer(lab) -> None:
     """Notebook 06: the graph is drawn; lowering the node threshold in the slider's readout
     re-filters it; hovering a feature node shows its tokens; clicking it opens that feature
@@ -211,5 +221,6 @@ def _circuit_viewer(lab) -> None:
     lab.wait_for_text(".wb-circuit-status", "saved", timeout_s=60)
 
 
-INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer, "05": _feature_browser,
+INTERACTIONS = {"01": _token_view, "02": _activation_viewer, "04": _sparsity_explorer,
+                "05": lambda lab: (_feature_browser(lab), _attention_browser(lab)),
                 "06": _circuit_viewer}

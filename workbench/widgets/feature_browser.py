@@ -198,11 +198,15 @@ def logits_html(data: dict) -> str:
         return '<div class="wb-panel-title">logit effects</div><div>(index built without the model)</div>'
 
     def table(rows, sign):
-        return "<table>" + "".join(f'<tr><td style="font-family:monospace;white-space:pre">{_e(_visible(t))}</td>'
+        # A token of many spaces or newlines would widen the table over the next panel: cut it.
+        return "<table>" + "".join(f'<tr><td style="font-family:monospace;white-space:pre"><span style="display:inline-block;'
+                                   f'max-width:96px;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom" '
+                                   f'title="{_e(_visible(t))}">{_e(_visible(t))}</span></td>'
                                    f'<td style="text-align:right;color:{sign}">{v:+.3f}</td></tr>' for t, v in rows) + "</table>"
 
     lo, hi = logits["edges"]
-    return (f'<div class="wb-panel-title">logit effects W_dec[f]·W_U</div>{_bars(logits["histogram"], colour="#999")}'
+    through = "·W_O" if data.get("heads") else ""  # an attention SAE's decoder row is mapped through W_O first
+    return (f'<div class="wb-panel-title">logit effects W_dec[f]{through}·W_U</div>{_bars(logits["histogram"], colour="#999")}'
             f'<div style="font-size:11px;display:flex;justify-content:space-between"><span>{lo:+.2f}</span><span>{hi:+.2f}</span></div>'
             f'<div style="display:flex;gap:16px"><div><div>promotes</div>{table(logits["top"], "#0072B2")}</div>'
             f'<div><div>suppresses</div>{table(logits["bottom"], "#D55E00")}</div></div>')
@@ -258,7 +262,7 @@ def plot_feature(data: dict, width: str | float = "double"):
             lo, hi = data["logits"]["edges"]
             hist = data["logits"]["histogram"]
             axes[1].bar(np.linspace(lo, hi, len(hist) + 1)[:-1], hist, width=(hi - lo) / len(hist), align="edge", color="0.5")
-            axes[1].set(xlabel="W_dec[f]·W_U", ylabel="tokens", title="logit effects")
+            axes[1].set(xlabel="W_dec[f]·W_O·W_U" if data.get("heads") else "W_dec[f]·W_U", ylabel="tokens", title="logit effects")
             rows = data["logits"]["top"][:5] + data["logits"]["bottom"][:5][::-1]
             labels = [_visible(t).replace("$", r"\$") for t, _ in rows]  # no mathtext from token text
             axes[2].barh(range(len(rows)), [v for _, v in rows], color=["#0072B2"] * 5 + ["#D55E00"] * 5)
