@@ -178,3 +178,33 @@ def test_splicing_replaces_the_mlp_output_by_the_prediction_from_its_input(tiny)
     # the same two batches compare_saes scores: FVU of the target, predicted from the input
     batches = list(itertools.islice(cache.batches(SOURCE, 64, seed=999, target_hook=TARGET), 2))
     assert rows[0]["fvu"] == pytest.approx(reconstruction_metrics(sae, batches).fvu)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk", "topk"])
+def test_sae_lens_transcoder_export_predicts_what_ours_does(arch, tmp_path):
+    """ReLU and threshold transcoders export to SAELens' Transcoder / JumpReLUTranscoder (input
+    centre folded into b_enc) with equal predictions; SAELens has no TopK transcoder: refused."""
+    from sae_lens import SAE
+
+    from workbench.sae.interop import export_sae_lens
+
+    torch.manual_seed(0)
+    sae = wb.sae.create(arch, d_in=32, d_sae=64, k=4, hook_name=SOURCE, target_hook=TARGET)
+    with torch.no_grad():
+        sae.input_centre.copy_(torch.randn(32) * 0.3)
+        sae.b_dec.copy_(torch.randn(32))
+        sae.b_enc.copy_(torch.randn(64) * 0.1)
+        if arch == "jumprelu":
+            sae.theta.copy_(torch.rand(64) * 0.5)
+    sae.eval()
+    if arch == "topk":
+        with pytest.raises(ValueError, match="no topk transcoder"):
+            export_sae_lens(sae, tmp_path / "x")
+        return
+    export_sae_lens(sae, tmp_path / "x")
+    theirs = SAE.load_from_disk(str(tmp_path / "x"), device="cpu")
+    assert theirs.cfg.architecture() == ("transcoder" if arch == "relu" else "jumprelu_transcoder")
+    x, _ = next(_pairs(128, 128, seed=6))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(x), sae(x).x_hat, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,11 @@ input), so only the inference rule has to be mapped:
 | batchtopk, matryoshka         | ``jumprelu`` with every threshold = the EMA θ       |
 | jumprelu, featurechoice       | ``jumprelu`` with its per-latent thresholds         |
 | relu (ReLU-L1)                | ``standard``                                        |
+| relu transcoder               | ``transcoder`` (input_centre folded into b_enc)     |
+| threshold-like transcoder     | ``jumprelu_transcoder`` (the same, with thresholds) |
+
+SAELens has no TopK transcoder, so a TopK-family transcoder is refused rather than exported
+as an SAE (which would subtract b_dec from its input).
 
 Opening a SAELens folder honours every config field that changes the encoding (sae_lens
 6.54, ``saes/sae.py`` and ``saes/topk_sae.py``), by folding it into the weights where it is
@@ -58,6 +63,8 @@ def _metadata(sae: SparseAutoencoder):
 
 def to_sae_lens(sae: SparseAutoencoder):
     """The equivalent SAELens SAE object (inference form)."""
+    if sae.is_transcoder:
+        return _transcoder_to_sae_lens(sae)
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
@@ -75,6 +82,29 @@ def to_sae_lens(sae: SparseAutoencoder):
         target = StandardSAE(StandardSAEConfig(**common))
     else:
         raise ValueError(f"no SAELens inference form for architecture {sae.architecture!r}")
+    target.load_state_dict(weights)
+    return target
+
+
+def _transcoder_to_sae_lens(sae: SparseAutoencoder):
+    """SAELens' Transcoder reads its input uncentred: our fixed input_centre c folds into the
+    encoder bias (b_enc − c·W_enc), which leaves every pre-activation, and so every
+    threshold comparison, as it was."""
+    from sae_lens.saes.transcoder import (JumpReLUTranscoder, JumpReLUTranscoderConfig, Transcoder,
+                                          TranscoderConfig)
+
+    common = dict(d_in=sae.cfg.d_in, d_out=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype="float32", device="cpu",
+                  apply_b_dec_to_input=False, metadata=_metadata(sae))
+    weights = {name: getattr(sae, name).detach().float().cpu().clone() for name in ("W_enc", "W_dec", "b_dec")}
+    weights["b_enc"] = (sae.b_enc - sae.input_centre @ sae.W_enc).detach().float().cpu()
+    if sae.architecture == "relu":
+        target = Transcoder(TranscoderConfig(**common))
+    elif sae.architecture in THRESHOLD_LIKE:
+        target = JumpReLUTranscoder(JumpReLUTranscoderConfig(**common))
+        weights["threshold"] = sae.threshold.detach().float().cpu().expand(sae.cfg.d_sae).clone()
+    else:
+        raise ValueError(f"SAELens has no {sae.architecture} transcoder (it has ReLU and JumpReLU transcoders): train "
+                         "the transcoder as relu, jumprelu, batchtopk, matryoshka or featurechoice to export it")
     target.load_state_dict(weights)
     return target
 
