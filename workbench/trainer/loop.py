@@ -123,6 +123,7 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     grads_needed = _grads_needed(data, configs)
     with_grads = grads_needed is not None
     targets_needed = _targets_needed(data, lead)
+    objective = _objective_of(data, lead)
     rank, world = rank_and_world()
     run = RunFolder(run_dir, configs, data, world) if run_dir is not None else None
     plan = run.plan(resume) if run else "fresh"
@@ -226,7 +227,7 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
                     trainer.skip()
                     continue
                 try:
-                    stats = trainer.step(x, g if trainer.cfg.needs_grads else None, y)
+                    stats = trainer.step(x, g if trainer.cfg.needs_grads else None, y, objective)
                 except NonFiniteError as err:
                     raise NonFiniteError(f"{where(index)}, SAE {names[i]}: {err}. Nothing was trained on this batch"
                                          f"{_checkpoints_kept(run)}.") from None
@@ -303,6 +304,22 @@ def _check_grads(x: torch.Tensor, g: torch.Tensor | None, index: int, why: str) 
     if g.shape != x.shape:
         raise ValueError(f"batch {index}: g has shape {tuple(g.shape)} but x has {tuple(x.shape)}; g must be ∂L/∂x, one "
                          "gradient per activation")
+
+
+def _objective_of(data, cfg: TrainConfig):
+    """The loss a model-in-the-loop data source brings (``EndToEnd.objective``), or None. Its
+    batches are whole sequences, so their size is the source's, which the config must match
+    (total_tokens counts steps of batch_size rows)."""
+    objective = getattr(data, "objective", None)
+    if objective is None:
+        return None
+    rows = getattr(data, "batch_rows", None)
+    if rows is not None and rows != cfg.batch_size:
+        raise ValueError(f"the {type(data).__name__} data yields batches of {rows} rows (sequences × positions); set "
+                         f"TrainConfig.batch_size={rows}")
+    if cfg.target_hook:
+        raise ValueError("an end-to-end objective trains an SAE on its own hook; it cannot train a transcoder")
+    return objective
 
 
 def _targets_needed(data, cfg: TrainConfig) -> str | None:

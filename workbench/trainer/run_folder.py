@@ -232,6 +232,8 @@ def data_fingerprint(data) -> dict:
     which cannot be fingerprinted without consuming it), with details for messages."""
     from ..cache import ActivationCache
 
+    if callable(getattr(data, "fingerprint", None)):  # a data source that knows what identifies it (EndToEnd)
+        return data.fingerprint()
     if isinstance(data, ActivationCache):
         # The manifest holds the cache's config (model and token hashes, hooks, dtypes) and
         # every shard's block checksums: its hash changes with any byte of the cache.

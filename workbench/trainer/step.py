@@ -124,11 +124,13 @@ class SAETrainer:
         self.skipped.append(self.step_count)
         self.step_count += 1
 
-    def step(self, x: Tensor, g: Tensor | None = None, y: Tensor | None = None) -> StepStats | None:
+    def step(self, x: Tensor, g: Tensor | None = None, y: Tensor | None = None, objective=None) -> StepStats | None:
         """One optimiser step on this process's batch ``x`` (under torchrun, each rank
         steps on its own batch and the gradients are averaged, so one step sees
         world × batch rows). ``g``: the loss gradient at x (the gradient SAE); ``y``: a
         transcoder's target, what it learns to predict from x (an SAE's target is x).
+        ``objective(x, x̂)``, when given, replaces the reconstruction loss (an e2e SAE's KL
+        with its reconstruction spliced into the model: ``workbench.end_to_end``).
 
         A non-finite loss or gradient norm (on any rank) leaves the SAE, its optimiser and
         its statistics untouched: with ``cfg.skip_nonfinite`` the batch is counted as
@@ -156,7 +158,7 @@ class SAETrainer:
         # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
         # depend on the activations' scale.
         variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        recon = sae.reconstruction_loss(target, result) / variance
+        recon = sae.reconstruction_loss(target, result) / variance if objective is None else objective(x, result.x_hat)
         aux = self.aux_loss(x, target, result.x_hat, result.pre_acts) / variance if sae.uses_aux_k else x.new_zeros(())
         penalty = sae.sparsity_loss(x, result, variance.sqrt(), self.progress())
         loss = recon + cfg.aux_alpha * aux + (penalty if penalty is not None else 0.0)
