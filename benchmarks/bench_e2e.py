@@ -39,7 +39,7 @@ HOOK = "blocks.2.hook_resid_post"
 LEVELS = (8, 16, 32)
 SEEDS = (0, 1)
 SEQUENCES_PER_BATCH = 8
-FULL = dict(train_tokens=131_072, d_sae=1024, eval_tokens=32_768)
+FULL = dict(train_tokens=65_536, d_sae=1024, eval_tokens=32_768)
 QUICK = dict(train_tokens=16_384, d_sae=256, eval_tokens=4_096)
 
 
