@@ -22,7 +22,7 @@ from workbench.features.attention import (attention_layer, decoder_in_residual, 
 from workbench.sae import create
 from workbench.trainer import TrainConfig, train_sae
 from workbench.widgets import FeatureBrowser, feature_data
-from workbench.widgets.feature_browser import prompt_features, prompt_sources, vocabulary
+from workbench.widgets.feature_browser import activation_of, prompt_features, prompt_sources, vocabulary
 
 HOOK = "blocks.1.attn.hook_z"
 N_HEADS, D_HEAD = 4, 8  # the tiny model's: n_heads · d_head = 32
@@ -110,7 +110,7 @@ def test_the_index_and_the_browser_show_heads_and_sources(trained, tmp_path, mon
     browser = FeatureBrowser(index, model, sae=sae, prompt="any text")
     browser.select(5)
     assert "heads writing it" in browser.stats_panel.value and "head 3" in browser.stats_panel.value
-    fired = next((f for f in range(sae.cfg.d_sae) if max(_acts(browser.prompt, f)) > 0), None)
+    fired = next((f for f in range(sae.cfg.d_sae) if max(activation_of(browser.prompt, f)) > 0), None)
     assert fired is not None
     browser.select(fired)
     lines = browser.prompt_view.lines
@@ -125,8 +125,3 @@ def test_the_index_and_the_browser_show_heads_and_sources(trained, tmp_path, mon
     resid = create("topk", d_in=32, d_sae=8, k=1, hook_name="blocks.0.hook_resid_post")
     prompt = prompt_features(model, resid, "a b c", vocab=vocab)
     assert prompt_sources(model, resid, prompt, 0) is None  # other SAEs: no source line
-
-
-def _acts(prompt, f):
-    values, indices = prompt["code"]
-    return ((indices == f) * values).sum(1).tolist()
