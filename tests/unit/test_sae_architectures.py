@@ -156,6 +156,30 @@ def test_matryoshka_loss_sums_prefix_reconstructions():
         saes.create("matryoshka", D_IN, D_SAE, K, prefixes=[8, 32])
 
 
+@pytest.mark.parametrize("weighting", ["sum", "mean"])
+def test_matryoshka_loss_gradients_equal_the_explicit_prefix_losses(weighting):
+    """The nested losses' hand-written backward (``_NestedLosses``) against autograd through
+    one explicit decode per prefix, for the trainer's forward and for the plain one."""
+    x, _ = _inputs()
+    grads = []
+    for form in ("explicit", "trainer", "forward"):
+        sae = _make("matryoshka", prefixes=[8, 32, 64], level_weighting=weighting).train()
+        if form == "explicit":
+            z = sae(x).code.dense(D_SAE)
+            losses = torch.stack([((z[:, :m] @ sae.W_dec[:m] + sae.b_dec) - x).pow(2).sum(-1).mean()
+                                  for m in (8, 32, 64)])
+            loss = losses.sum() if weighting == "sum" else losses.mean()
+        else:
+            result = sae.forward_train(x, torch.float32) if form == "trainer" else sae(x)
+            assert (result.levels is not None) == (form == "trainer")
+            loss = sae.reconstruction_loss(x, result)
+        (3 * loss).backward()  # an upstream gradient other than 1
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
+    for other in grads[1:]:
+        for name in ("W_dec", "b_dec", "W_enc", "b_enc"):
+            torch.testing.assert_close(other[name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip_is_identical(arch, tmp_path):
     sae = _make(arch).train()

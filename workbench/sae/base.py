@@ -161,6 +161,9 @@ class ForwardResult(NamedTuple):
     x_hat: Float[Tensor, "batch d_in"]
     code: SparseCode
     pre_acts: Float[Tensor, "batch d_sae"]
+    levels: Float[Tensor, "batch levels d_in"] | None = None
+    """Set by the trainer's forward for SAEs whose loss decodes parts of the code separately
+    (Matryoshka's groups of latents): those partial decodes, from the same code, with autograd."""
 
 
 REGISTRY: dict[str, tuple[type["SparseAutoencoder"], type[SAEConfig]]] = {}
@@ -402,10 +405,10 @@ class SparseAutoencoder(nn.Module):
             pre = self._selection_pre_acts(x, selection_dtype)
             chosen = self.select(pre, **context)
         if self.ragged_code:
-            code, x_hat = self._ragged_forward(x, chosen)
+            code, x_hat, levels = self._ragged_forward(x, chosen)
             if self.training and observe:
                 self.observe(code)
-            return ForwardResult(x_hat, code, pre)
+            return ForwardResult(x_hat, code, pre, levels)
         exact = gathered_pre_acts(x, self.input_bias, self.W_enc, self.b_enc, chosen.indices)
         # ReLU; a latent chosen at value 0 (fewer than k positive) stays 0 whatever its exact value.
         code = SparseCode(torch.where(chosen.values > 0, exact.relu(), 0.0), chosen.indices)
@@ -416,7 +419,7 @@ class SparseAutoencoder(nn.Module):
             self.observe(code)
         return ForwardResult(self.decode_sparse(code), code, pre)
 
-    def _ragged_forward(self, x: Tensor, chosen: SparseCode) -> tuple[SparseCode, Tensor]:
+    def _ragged_forward(self, x: Tensor, chosen: SparseCode) -> tuple[SparseCode, Tensor, Tensor | None]:
         """forward_train's values and x̂ for a code whose rows keep different numbers of
         latents: only the real entries (value > 0) are computed, encoded and decoded as one
         CSR pattern, then laid back into the padded [batch, width] code. Padding to the
@@ -429,11 +432,17 @@ class SparseAutoencoder(nn.Module):
         crow = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
         crow[1:] = real.sum(1).cumsum(0)
         values = gathered_pre_acts_csr(x, self.input_bias, self.W_enc, self.b_enc, crow, cols).relu()
-        x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, crow[:-1], per_sample_weights=values,
-                                                  mode="sum") + self.b_dec
-        return SparseCode(values.new_zeros(chosen.values.shape).masked_scatter(real, values), chosen.indices), x_hat
+        x_hat, levels = self.decode_entries(crow, cols, values)
+        code = SparseCode(values.new_zeros(chosen.values.shape).masked_scatter(real, values), chosen.indices)
+        return code, x_hat, levels
 
-    def _dense_forward(self, x: Tensor, chosen: SparseCode, real: Tensor) -> tuple[SparseCode, Tensor]:
+    def decode_entries(self, crow: Tensor, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x̂ of a code given as CSR entries (row b owns entries crow[b]..crow[b+1]), and the
+        ``levels`` of ``ForwardResult`` for architectures whose loss needs them (else None)."""
+        x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, crow[:-1], per_sample_weights=values, mode="sum")
+        return x_hat + self.b_dec, None
+
+    def _dense_forward(self, x: Tensor, chosen: SparseCode, real: Tensor) -> tuple[SparseCode, Tensor, None]:
         """``_ragged_forward``'s code and x̂ (the same values and gradients, summed in another
         order) through dense float32 products, for codes too dense for the sparse kernels to
         win: an L1 or JumpReLU SAE early in training keeps about half its latents per row."""
@@ -441,7 +450,7 @@ class SparseAutoencoder(nn.Module):
         mask[real.nonzero()[:, 0], chosen.indices[real]] = True
         z = self.pre_acts(x).relu() * mask
         values = z.gather(1, chosen.indices) * real  # a padding slot may repeat a real latent: it stays 0
-        return SparseCode(values, chosen.indices), z @ self.W_dec + self.b_dec
+        return SparseCode(values, chosen.indices), z @ self.W_dec + self.b_dec, None
 
     @torch.no_grad()
     def _selection_pre_acts(self, x: Tensor, dtype: torch.dtype) -> Tensor:
