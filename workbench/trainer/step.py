@@ -31,6 +31,8 @@ class StepStats:
     k: int
     sparsity_loss: float = 0.0
     """The architecture's own penalty (L1, L0), as added to the loss; 0 for the TopK family."""
+    grad_norm: float = 0.0
+    """The gradient's global norm before clipping (above TrainConfig.grad_clip: clipped)."""
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -206,7 +208,7 @@ class SAETrainer:
         self.step_count += 1
         self.tokens_seen += x.shape[0] * world
         return StepStats(float(loss.detach()), fvu, l0, float(aux.detach()), float((self.tokens_since_fired >= self.dead_tokens).float().mean()), lr, k,
-                         0.0 if penalty is None else float(penalty.detach()))
+                         0.0 if penalty is None else float(penalty.detach()), float(grad_norm))
 
     @torch.no_grad()
     def _remove_parallel_decoder_grad(self) -> None:
