@@ -20,18 +20,16 @@ latents); penalty SAEs land at their own L0, so compare them on the curve, not p
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_model_data import default_model_data, spread  # noqa: E402
 from results import machine, table, write_section  # noqa: E402
 
 import workbench as wb  # noqa: E402
-from workbench.cache import ActivationCache, cache_activations  # noqa: E402
-from workbench.paths import cache_dir  # noqa: E402
 from workbench.sae import ARCHITECTURES  # noqa: E402
 from workbench.sae.compare import compare_saes, plot_comparison  # noqa: E402
 
@@ -63,22 +61,10 @@ def label(cfg) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
-    args = parser.parse_args()
-    size = QUICK if args.quick else FULL
-    model = wb.load_model(wb.DEFAULT_MODEL)
-    tokens = wb.load_tokens("stdlib", "train", n_tokens=size["train_tokens"])
-    folder = cache_dir() / "bench" / f"{wb.DEFAULT_MODEL}-resid2-{tokens.numel()}"
-    started = time.perf_counter()
-    cache = ActivationCache.open(cache_activations(model, tokens, [HOOK], folder, with_grads=True, progress=False))
-    print(f"cache: {cache.n_tokens:,} rows with gradients in {time.perf_counter() - started:.0f} s", flush=True)
     # Held out: validation tokens, cached (with gradients, for the g-SAE) for the reconstruction
     # metrics and spliced in for the CE loss.
-    val = wb.load_tokens("stdlib", "val", n_tokens=size["eval_tokens"])
-    val_cache = ActivationCache.open(cache_activations(model, val, [HOOK], cache_dir() / "bench" /
-                                                       f"{wb.DEFAULT_MODEL}-resid2-val-{val.numel()}", with_grads=True,
-                                                       progress=False))
+    setup = default_model_data(__doc__, FULL, QUICK, [HOOK], "resid2", with_grads=True)
+    size, cache, val, val_cache, model = setup.size, setup.cache, setup.val, setup.val_cache, setup.model
     points: dict[tuple[str, str], list[dict]] = {}
     for seed in SEEDS:
         sweep = configs(size["d_sae"], cache.n_tokens, seed)
@@ -90,7 +76,7 @@ def main() -> None:
             points.setdefault((cfg.architecture, label(cfg)), []).append(row)
     body = report(points, cache.n_tokens, val.numel(), size)
     print(body)
-    if not args.quick:
+    if not setup.quick:
         write_section("bench_dictionaries", body)
         figure = plot_comparison([mean_row(rows) for rows in points.values()])
         figure_path = Path(__file__).with_name("dictionaries_pareto.png")
@@ -108,15 +94,10 @@ def mean_row(rows: list[dict]) -> dict:
     return out
 
 
-def _spread(rows: list[dict], key: str, digits: int) -> str:
-    values = [r[key] for r in rows]
-    return f"{statistics.fmean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def report(points: dict, n_train: int, n_val: int, size: dict) -> str:
     clean = next(iter(points.values()))[0]["ce_clean"]
-    lines = [[arch, setting, _spread(rows, "l0", 1), _spread(rows, "fvu", 4), _spread(rows, "dead_fraction", 3),
-              _spread(rows, "ce_spliced", 4), _spread(rows, "ce_recovered_vs_zero", 3)]
+    lines = [[arch, setting, spread(rows, "l0", 1), spread(rows, "fvu", 4), spread(rows, "dead_fraction", 3),
+              spread(rows, "ce_spliced", 4), spread(rows, "ce_recovered_vs_zero", 3)]
              for (arch, setting), rows in points.items()]
     return "\n".join([
         "## bench_dictionaries: every architecture, FVU and spliced-in CE against L0",

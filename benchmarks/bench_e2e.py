@@ -18,21 +18,18 @@ the rest of the model per step; here both see the same tokens and steps, not the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dictionaries import _spread  # noqa: E402
+from default_model_data import default_model_data, spread  # noqa: E402
 from results import machine, table, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
 import workbench as wb  # noqa: E402
-from workbench.cache import ActivationCache, cache_activations  # noqa: E402
 from workbench.end_to_end import EndToEnd  # noqa: E402
-from workbench.paths import cache_dir  # noqa: E402
 from workbench.sae.compare import compare_saes  # noqa: E402
 
 HOOK = "blocks.2.hook_resid_post"
@@ -44,18 +41,10 @@ QUICK = dict(train_tokens=16_384, d_sae=256, eval_tokens=4_096)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
-    args = parser.parse_args()
-    size = QUICK if args.quick else FULL
-    model = wb.load_model(wb.DEFAULT_MODEL)
+    setup = default_model_data(__doc__, FULL, QUICK, [HOOK], "resid2-plain")
+    size, tokens, cache, model = setup.size, setup.tokens, setup.cache, setup.model
+    val, val_cache = setup.val, setup.val_cache
     later = tuple(f"blocks.{layer}.hook_resid_post" for layer in range(3, model.cfg.n_layers))
-    tokens = wb.load_tokens("stdlib", "train", n_tokens=size["train_tokens"])
-    cache = ActivationCache.open(cache_activations(model, tokens, [HOOK], cache_dir() / "bench" /
-                                                   f"{wb.DEFAULT_MODEL}-resid2-plain-{tokens.numel()}", progress=False))
-    val = wb.load_tokens("stdlib", "val", n_tokens=size["eval_tokens"])
-    val_cache = ActivationCache.open(cache_activations(model, val, [HOOK], cache_dir() / "bench" /
-                                                       f"{wb.DEFAULT_MODEL}-resid2-plain-val-{val.numel()}", progress=False))
     points: dict[tuple[str, int], list[dict]] = {}
     seconds: dict[str, list[float]] = {}
     for seed in SEEDS:
@@ -80,15 +69,15 @@ def main() -> None:
                 points.setdefault((kind, cfg.k), []).append(row)
     body = report(points, seconds, cache.n_tokens, val.numel(), size, later)
     print(body)
-    if not args.quick:
+    if not setup.quick:
         write_section("bench_e2e", body)
 
 
 def report(points: dict, seconds: dict, n_train: int, n_val: int, size: dict, later: tuple) -> str:
     first = next(iter(points.values()))[0]
     order = {"local": 0, "e2e": 1, "e2e+ds": 2}
-    lines = [[kind, str(k), _spread(rows, "l0", 1), _spread(rows, "ce_spliced", 4), _spread(rows, "ce_recovered_vs_zero", 3),
-              _spread(rows, "kl", 4), _spread(rows, "fvu", 3), _spread(rows, "dead_fraction", 3)]
+    lines = [[kind, str(k), spread(rows, "l0", 1), spread(rows, "ce_spliced", 4), spread(rows, "ce_recovered_vs_zero", 3),
+              spread(rows, "kl", 4), spread(rows, "fvu", 3), spread(rows, "dead_fraction", 3)]
              for (kind, k), rows in sorted(points.items(), key=lambda item: (item[0][1], order[item[0][0]]))]
     per_sae = ", ".join(f"{kind} {sum(s) / len(s):.0f} s" for kind, s in seconds.items())
     return "\n".join([

@@ -20,18 +20,15 @@ transcoder (whose encoder starts unrelated to its decoder) may not have converge
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dictionaries import _spread  # noqa: E402
+from default_model_data import default_model_data, spread  # noqa: E402
 from results import machine, table, write_section  # noqa: E402
 
 import workbench as wb  # noqa: E402
-from workbench.cache import ActivationCache, cache_activations  # noqa: E402
-from workbench.paths import cache_dir  # noqa: E402
 from workbench.sae import transcoder_hooks  # noqa: E402
 from workbench.sae.compare import compare_saes  # noqa: E402
 
@@ -50,21 +47,8 @@ def configs(kind: str, d_sae: int, total_tokens: int, seed: int) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
-    args = parser.parse_args()
-    size = QUICK if args.quick else FULL
-    model = wb.load_model(wb.DEFAULT_MODEL)
-    hooks = list(transcoder_hooks(LAYER))
-    tokens = wb.load_tokens("stdlib", "train", n_tokens=size["train_tokens"])
-    started = time.perf_counter()
-    cache = ActivationCache.open(cache_activations(model, tokens, hooks, cache_dir() / "bench" /
-                                                   f"{wb.DEFAULT_MODEL}-mlp{LAYER}-io-{tokens.numel()}", progress=False))
-    print(f"cache: {cache.n_tokens:,} rows of {hooks} in {time.perf_counter() - started:.0f} s", flush=True)
-    val = wb.load_tokens("stdlib", "val", n_tokens=size["eval_tokens"])
-    val_cache = ActivationCache.open(cache_activations(model, val, hooks, cache_dir() / "bench" /
-                                                       f"{wb.DEFAULT_MODEL}-mlp{LAYER}-io-val-{val.numel()}",
-                                                       progress=False))
+    setup = default_model_data(__doc__, FULL, QUICK, list(transcoder_hooks(LAYER)), f"mlp{LAYER}-io")
+    size, cache, val, val_cache, model = setup.size, setup.cache, setup.val, setup.val_cache, setup.model
     points: dict[tuple[str, int], list[dict]] = {}
     for seed in SEEDS:
         for kind in ("transcoder", "MLP-output SAE"):
@@ -77,14 +61,14 @@ def main() -> None:
                 points.setdefault((kind, cfg.k), []).append(row)
     body = report(points, cache.n_tokens, val.numel(), size)
     print(body)
-    if not args.quick:
+    if not setup.quick:
         write_section("bench_transcoders", body)
 
 
 def report(points: dict, n_train: int, n_val: int, size: dict) -> str:
     first = next(iter(points.values()))[0]
-    lines = [[kind, str(k), _spread(rows, "l0", 1), _spread(rows, "fvu", 4), _spread(rows, "dead_fraction", 3),
-              _spread(rows, "ce_spliced", 4), _spread(rows, "ce_recovered_vs_zero", 3)]
+    lines = [[kind, str(k), spread(rows, "l0", 1), spread(rows, "fvu", 4), spread(rows, "dead_fraction", 3),
+              spread(rows, "ce_spliced", 4), spread(rows, "ce_recovered_vs_zero", 3)]
              for (kind, k), rows in sorted(points.items(), key=lambda item: (item[0][1], item[0][0]))]
     source, target = transcoder_hooks(LAYER)
     return "\n".join([

@@ -55,7 +55,9 @@ def compare_saes(saes: list, cache, model=None, tokens=None, n_batches: int = 8,
 
 def comparison_table(rows: list[dict]) -> str:
     """Markdown table of ``compare_saes`` rows."""
-    keys = [k for k in ("architecture", "k", "d_sae", "l0", "fvu", "dead_fraction", "ce_spliced", "ce_recovered_vs_zero", "kl") if k in rows[0]]
+    shown = ("architecture", "hook", "k", "d_sae", "l0", "fvu", "dead_fraction", "ce_spliced", "ce_recovered_vs_zero", "kl")
+    one_hook = len({row.get("hook") for row in rows}) == 1  # a column only where the hooks differ
+    keys = [k for k in shown if k in rows[0] and not (k == "hook" and one_hook)]
     return markdown_table(rows, keys)
 
 

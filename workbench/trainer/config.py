@@ -56,6 +56,11 @@ class TrainConfig:
     """Dead latents used by the AuxK loss; None: d_in // 2 (Gao et al. 2024 §A.2)."""
     aux_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
+    aux_latents: str = "dead"
+    """Which latents the AuxK loss trains: "dead" (Gao et al. 2024: no firing for dead_tokens),
+    or "zipf" (Ayonrinde 2024's aux_zipf_loss: the dead ones and those firing at under half
+    the density a Zipf law fitted to all latents' densities predicts at their rank; see
+    ``trainer.zipf``). Densities are averaged over about dead_tokens tokens."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing; None: min(10M, total/5)."""
     grad_clip: float | None = 1.0
@@ -94,6 +99,8 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.log_every < 1:
             raise ValueError(f"need checkpoint_every >= 0 (0: none) and log_every >= 1, got {self.checkpoint_every} "
                              f"and {self.log_every}")
+        if self.aux_latents not in ("dead", "zipf"):
+            raise ValueError(f"aux_latents must be 'dead' or 'zipf', got {self.aux_latents!r}")
         if not 0 <= self.decay_fraction < 1:
             raise ValueError(f"decay_fraction must lie in [0, 1), got {self.decay_fraction}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):

@@ -209,9 +209,12 @@ def _differences(recorded: dict, identity: dict) -> list[str]:
     out = []
     old, new = recorded["train_config"], identity["train_config"]
     name = f"{new['architecture']} k={new['k']} d_sae={new['d_sae']}"
+    defaults = _plain(TrainConfig())
     for key in sorted(set(old) | set(new)):
-        if key not in MAY_CHANGE and old.get(key) != new.get(key):
-            out.append(f"{name}: {key} {old.get(key)!r} → {new.get(key)!r}")
+        # A setting added after the run was recorded counts as recorded at its default.
+        before = old.get(key, defaults.get(key))
+        if key not in MAY_CHANGE and before != new.get(key):
+            out.append(f"{name}: {key} {before!r} → {new.get(key)!r}")
     old, new = recorded["data"], identity["data"]
     if old["kind"] != new["kind"] or (old["sha256"] and new["sha256"] and old["sha256"] != new["sha256"]):
         out.append(f"data: {_describe(old)} → {_describe(new)}")

@@ -14,6 +14,7 @@ from ..distributed import collective_view, rank_and_world
 from ..sae import SparseAutoencoder, SparseCode
 from ..sae.sparse_ops import gathered_pre_acts
 from .config import TrainConfig
+from .zipf import under_used
 
 
 class NonFiniteError(FloatingPointError):
@@ -67,6 +68,8 @@ class SAETrainer:
         self.optimizer = torch.optim.Adam(list(self.optimized.values()), lr=cfg.resolved_lr(), betas=(0.9, 0.999),
                                           eps=6.25e-10, fused=fused)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
+        # Each latent's firing density, averaged over about dead_tokens tokens (aux_latents="zipf").
+        self.density = torch.zeros(sae.cfg.d_sae, device=device)
         self.step_count = 0  # batches consumed, skipped ones included: the position in the data stream
         self.tokens_seen = 0  # rows trained on
         self.skipped: list[int] = []  # batch indices skipped as non-finite (TrainConfig.skip_nonfinite)
@@ -109,7 +112,7 @@ class SAETrainer:
 
         ``pre_acts`` (detached) only choose the latents; their values are recomputed exactly
         with gradients, so the encoder of dead latents learns too."""
-        dead = (self.tokens_since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        dead = self.aux_latents().nonzero().squeeze(1)
         if dead.numel() == 0:
             return x.new_zeros(())
         residual = (target - x_hat).detach()
@@ -120,6 +123,14 @@ class SAETrainer:
         code = SparseCode(gathered_pre_acts(x, sae.input_bias, sae.W_enc, sae.b_enc, indices).relu(), indices)
         residual_hat = self.sae.decode_sparse(code) - self.sae.b_dec
         return (residual_hat - residual).pow(2).sum(-1).mean()
+
+    def aux_latents(self) -> Tensor:
+        """The latents AuxK trains (a mask): the dead ones, and with aux_latents="zipf" the
+        under-used ones too, once the densities cover dead_tokens tokens."""
+        dead = self.tokens_since_fired >= self.dead_tokens
+        if self.cfg.aux_latents == "zipf" and self.tokens_seen >= self.dead_tokens:
+            dead |= under_used(self.density)
+        return dead
 
     def skip(self) -> None:
         """Consume a batch without training on it (a non-finite one, with skip_nonfinite)."""
@@ -203,6 +214,11 @@ class SAETrainer:
             fired = self._sync_across_ranks(fired)
             self.tokens_since_fired += x.shape[0] * world
             self.tokens_since_fired[fired] = 0
+            rate = min(1.0, x.shape[0] * world / self.dead_tokens)
+            fires = torch.bincount(result.code.indices[result.code.values > 0], minlength=self.density.numel())
+            if world > 1:
+                torch.distributed.all_reduce(fires)  # summed over the ranks' rows
+            self.density.mul_(1 - rate).add_(fires.float() / (x.shape[0] * world), alpha=rate)
             fvu = float((result.x_hat - target).pow(2).sum(-1).mean() / variance)
             l0 = float((result.code.values > 0).sum(-1).float().mean())
         self.step_count += 1
@@ -244,6 +260,7 @@ class SAETrainer:
         """Everything needed to resume exactly, as tensors (saved with safetensors, no pickle)."""
         state = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         state["tokens_since_fired"] = self.tokens_since_fired
+        state["density"] = self.density
         for name, param in self.sae.named_parameters():
             opt = self.optimizer.state.get(self.optimized[name], {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -256,6 +273,8 @@ class SAETrainer:
         device = self.sae.W_dec.device
         self.sae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("sae.")})
         self.tokens_since_fired = state["tokens_since_fired"].to(device)
+        if "density" in state:  # (checkpoints written before densities were tracked lack it)
+            self.density = state["density"].to(device)
         for name, param in self.optimized.items():
             if f"adam.{name}.exp_avg" in state:
                 self.optimizer.state[param] = {
