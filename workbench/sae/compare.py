@@ -78,6 +78,7 @@ def plot_comparison(rows: list[dict], width: str | float = "double"):
         if panels == 2:
             axes[1].axhline(rows[0]["ce_clean"], color="0.4", linestyle="--", linewidth=0.8, label="clean model")
             axes[1].set(xlabel="L0 (active latents per token)", ylabel="CE loss, SAE spliced in (nats)", title="downstream")
-        axes[-1].legend()
+        # Beside the panels, not on them: with eight or more architectures it covered points.
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.tight_layout()
     return fig
