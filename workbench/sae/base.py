@@ -161,7 +161,7 @@ class ForwardResult(NamedTuple):
     x_hat: Float[Tensor, "batch d_in"]
     code: SparseCode
     pre_acts: Float[Tensor, "batch d_sae"]
-    levels: Float[Tensor, "batch levels d_in"] | None = None
+    levels: Float[Tensor, "levels batch d_in"] | None = None
     """Set by the trainer's forward for SAEs whose loss decodes parts of the code separately
     (Matryoshka's groups of latents): those partial decodes, from the same code, with autograd."""
 

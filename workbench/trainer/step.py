@@ -209,15 +209,11 @@ class SAETrainer:
         with torch.no_grad():
             if sae.unit_norm_decoder:
                 sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-            fired[result.code.indices[result.code.values > 0]] = True
-            fired = self._sync_across_ranks(fired)
-            self.tokens_since_fired += x.shape[0] * world
-            self.tokens_since_fired[fired] = 0
-            rate = min(1.0, x.shape[0] * world / self.dead_tokens)
             fires = torch.bincount(result.code.indices[result.code.values > 0], minlength=self.density.numel())
-            if world > 1:
-                torch.distributed.all_reduce(fires)  # summed over the ranks' rows
+            fires = self._sync_across_ranks(fires)
+            self.tokens_since_fired += x.shape[0] * world
+            self.tokens_since_fired[fires > 0] = 0
+            rate = min(1.0, x.shape[0] * world / self.dead_tokens)
             self.density.mul_(1 - rate).add_(fires.float() / (x.shape[0] * world), alpha=rate)
             fvu = float((result.x_hat - target).pow(2).sum(-1).mean() / variance)
             l0 = float((result.code.values > 0).sum(-1).float().mean())
@@ -234,18 +230,18 @@ class SAETrainer:
         if grad is not None:
             grad -= (grad * W).sum(-1, keepdim=True) * W
 
-    def _sync_across_ranks(self, fired: Tensor) -> Tensor:
-        """Keep every replica's bookkeeping identical: a latent fired if it fired on any
-        rank, and buffers (BatchTopK's threshold) are averaged."""
+    def _sync_across_ranks(self, fires: Tensor) -> Tensor:
+        """Keep every replica's bookkeeping identical: each latent's firing count is summed
+        over the ranks (it fired if it fired on any), and buffers (BatchTopK's threshold)
+        are averaged."""
         _, world = rank_and_world()
         if world == 1:
-            return fired
-        fired = fired.to(torch.uint8)
-        torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+            return fires
+        torch.distributed.all_reduce(fires)
         for buffer in self.sae.buffers():
             torch.distributed.all_reduce(buffer)
             buffer /= world
-        return fired.bool()
+        return fires
 
     def _average_gradients_across_ranks(self) -> None:
         _, world = rank_and_world()
