@@ -2,10 +2,14 @@
 
     .venv/bin/python benchmarks/bench_train.py            # writes the bench_train section
     .venv/bin/python benchmarks/bench_train.py --quick    # tiny sizes, prints only
+    .venv/bin/python benchmarks/bench_train.py --resume runs.jsonl   # keeps finished workers
 
 Each library trains a TopK SAE (k=32) on the same synthetic superposition data (the same
 rows in the same order, batch 4096) for the same number of tokens, with its own training
-step and its own default optimiser settings, as a user of that library would get them:
+step, twice: at its own default optimiser settings, as a user of that library would get
+them, and with Adam at one shared lr (SHARED_LR), so a gap in quality cannot come from one
+library's lr alone. Both on two data generators (GENERATORS) that differ in feature count,
+frequency law and magnitude distribution, so no default is tuned to one data set:
 
 - workbench: ``train_sae`` (Adam, default lr, AuxK, unit-norm decoder, clipping);
 - SAELens: ``SAETrainer`` on a ``TopKTrainingSAE`` (its defaults: Adam 3e-4, AuxK, decoder
@@ -14,9 +18,12 @@ step and its own default optimiser settings, as a user of that library would get
   with schedule-free averaging, unit-norm decoder, b_dec initialised to the mean; its
   trainer needs a Hugging Face model, so the loop is reproduced around the SparseCoder).
 
+With the shared lr, workbench keeps its schedule (warm-up, final decay, clipping), SAELens its
+constant schedule, and sparsify swaps signum + schedule-free for plain Adam at a constant lr.
+
 Every library runs in its own subprocess, so peak memory (max RSS above the RSS with the
 data loaded) is its own. Held-out FVU is computed the same way for all (float64 sums) on
-rows none of them trained on. Tokens/s counts the whole training call after the data is in
+rows none of them trained on, and MMCS of each decoder against the true features. Tokens/s counts the whole training call after the data is in
 memory. The matmul ceiling is this machine's best [4096, d_in] × [d_in, d_sae] product in
 the dtype each library's encoder uses; "% of ceiling" is the encoder forward's 2·d_in·d_sae
 FLOPs per token at the measured tokens/s over that ceiling — the one dense product a TopK
@@ -36,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import machine, table, write_section  # noqa: E402
+from results import commit, machine, table, write_section  # noqa: E402
 
 K, BATCH = 32, 4096
 # (d_in, d_sae, training tokens): the two sizes the target names.
@@ -44,6 +51,15 @@ SIZES = [(256, 2048, 1_048_576), (768, 16384, 262_144)]
 QUICK_SIZES = [(64, 256, 16_384)]
 HELD_OUT = 16_384
 LIBRARIES = ("workbench", "workbench-fp32", "sae_lens", "sparsify")
+# The same three at one shared Adam lr: 2e-3, the lr at which sparsify with plain Adam beat
+# our defaults at 768 / 16,384 in an earlier measurement (see bench_topk_ablations.py).
+SHARED_LR = 2e-3
+SHARED = ("workbench-shared_lr", "sae_lens-shared_lr", "sparsify-shared_lr")
+# Two data generators: A as the benchmark always had (one true feature per latent, frequency
+# exponent 0.5, magnitudes |N(0,1)| + 0.5); B with twice as many true features as latents, a
+# steeper frequency law and Exp(1) magnitudes (many near-zero activations, a heavy tail).
+GENERATORS = {"A": dict(features_per_latent=1, exponent=0.5, magnitudes="folded_normal"),
+              "B": dict(features_per_latent=2, exponent=1.0, magnitudes="exponential")}
 # The BatchTopK family against SAELens's own, at the first size (batch selection: each row's
 # latent count varies around k; Matryoshka adds nested prefix losses on the same code).
 FAMILY = ("workbench-batchtopk", "workbench-matryoshka", "sae_lens-batchtopk", "sae_lens-matryoshka")
@@ -55,7 +71,7 @@ FAMILY = ("workbench-batchtopk", "workbench-matryoshka", "sae_lens-batchtopk", "
 PENALTY = ("workbench-relu", "workbench-jumprelu", "sae_lens-relu", "sae_lens-jumprelu")
 RELU_L1 = 0.1
 JUMPRELU = dict(target_l0=float(K), target_l0_coefficient=1e-2)
-WORKERS = LIBRARIES + FAMILY + PENALTY
+WORKERS = LIBRARIES + SHARED + FAMILY + PENALTY
 
 
 def prefixes(d_sae: int) -> list[int]:
@@ -87,12 +103,13 @@ def _sae_kwargs(architecture: str, d_sae: int) -> dict:
             "jumprelu": JUMPRELU}.get(architecture, {})
 
 
-def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: str = "topk"):
+def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: str = "topk", lr: float | None = None):
     from workbench.trainer import TrainConfig, train_sae
 
-    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
+    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0], lr=lr,
                       selection_precision=precision, device="cpu", sae_kwargs=_sae_kwargs(architecture, d_sae))
     sae = train_sae(cfg, _batches(x), progress=False)
+    _LAST["decoder"] = sae.W_dec
     if architecture in ("relu", "jumprelu"):
         _LAST["sae"] = sae.eval()
     if architecture in ("topk", "relu", "jumprelu"):
@@ -104,7 +121,7 @@ def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: 
     return lambda rows: sae.decode_sparse(sae.select(sae.pre_acts(rows)))
 
 
-def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk"):
+def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk", lr: float = 3e-4):
     import sae_lens
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -130,25 +147,29 @@ def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk"):
             d_in=x.shape[1], d_sae=d_sae, k=K, device="cpu", matryoshka_widths=prefixes(d_sae)))
     # LanguageModelSAERunnerConfig's defaults (lr 3e-4 constant; lr_end is only read by cosine schedules).
     cfg = SAETrainerConfig(total_training_samples=x.shape[0], train_batch_size_samples=BATCH, device="cpu",
-                           lr=3e-4, lr_end=3e-5, logger=LoggingConfig(log_to_wandb=False))
+                           lr=lr, lr_end=lr / 10, logger=LoggingConfig(log_to_wandb=False))
     trainer = SAETrainer(cfg, sae, data_provider=_batches(x))
     trainer.fit()
     sae.eval()
+    _LAST["decoder"] = sae.W_dec
     if architecture in ("relu", "jumprelu"):
         _LAST["sae"] = sae
     return lambda rows: sae(rows)
 
 
-def _train_sparsify(x: torch.Tensor, d_sae: int):
+def _train_sparsify(x: torch.Tensor, d_sae: int, adam_lr: float | None = None):
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
     sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=K), device="cpu", dtype=torch.float32)
-    # sparsify's Trainer defaults: signum + schedule-free, lr 5e-3/√(d_sae/2¹⁴), no AuxK.
-    optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (d_sae / 2**14) ** 0.5)]),
-                                    momentum=0.95)
-    optimizer.train()
+    if adam_lr is None:
+        # sparsify's Trainer defaults: signum + schedule-free, lr 5e-3/√(d_sae/2¹⁴), no AuxK.
+        optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (d_sae / 2**14) ** 0.5)]),
+                                        momentum=0.95)
+        optimizer.train()
+    else:  # its Trainer's "adam" option, at a constant lr
+        optimizer = torch.optim.Adam(sae.parameters(), lr=adam_lr)
     for step, batch in enumerate(_batches(x)):
         if step == 0:
             sae.b_dec.data = batch.mean(0)
@@ -158,14 +179,16 @@ def _train_sparsify(x: torch.Tensor, d_sae: int):
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
         optimizer.zero_grad()
-    optimizer.eval()  # schedule-free: evaluate at the averaged weights, as sparsify saves them
+    if adam_lr is None:
+        optimizer.eval()  # schedule-free: evaluate at the averaged weights, as sparsify saves them
+    _LAST["decoder"] = sae.W_dec
     return lambda rows: sae(rows).sae_out
 
 
 def worker(library: str, data_path: str, d_sae: int) -> dict:
     torch.manual_seed(0)
     data = torch.load(data_path)
-    train, held_out = data["train"], data["held_out"]
+    train, held_out, features = data["train"], data["held_out"], data["features"]
     import sae_lens  # noqa: F401  (imports settle before the memory baseline)
     import sparsify  # noqa: F401
 
@@ -175,12 +198,14 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
     _reset_peak_rss()
     started = time.perf_counter()
     architecture = library.split("-")[1] if library in FAMILY + PENALTY else "topk"
+    shared = library in SHARED
     if library.startswith("workbench"):
-        reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto", architecture)
+        reconstruct = _train_workbench(train, d_sae, "float32" if library.endswith("fp32") else "auto", architecture,
+                                       lr=SHARED_LR if shared else None)
     elif library.startswith("sae_lens"):
-        reconstruct = _train_sae_lens(train, d_sae, architecture)
+        reconstruct = _train_sae_lens(train, d_sae, architecture, **({"lr": SHARED_LR} if shared else {}))
     else:
-        reconstruct = _train_sparsify(train, d_sae)
+        reconstruct = _train_sparsify(train, d_sae, adam_lr=SHARED_LR if shared else None)
     seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM")
     with torch.no_grad():
@@ -189,8 +214,11 @@ def worker(library: str, data_path: str, d_sae: int) -> dict:
         for rows in held_out.split(4096):
             err += float((reconstruct(rows).double() - rows.double()).pow(2).sum())
             total += float((rows.double() - mean).pow(2).sum())
+    from workbench.synthetic import mmcs
+
     return {"library": library, "tokens_per_s": train.shape[0] / seconds, "seconds": seconds,
-            "peak_mib": (peak - baseline) / 1024, "fvu": err / total, "l0": _held_out_l0(library, held_out)}
+            "peak_mib": (peak - baseline) / 1024, "fvu": err / total, "l0": _held_out_l0(library, held_out),
+            "mmcs": mmcs(_LAST["decoder"].detach().float(), features)}
 
 
 def _held_out_l0(library: str, held_out: torch.Tensor) -> float | None:
@@ -219,65 +247,133 @@ def matmul_ceiling(d_in: int, d_sae: int, dtype: torch.dtype) -> float:
     return 2 * BATCH * d_in * d_sae / best / 1e9
 
 
-def run_size(d_in: int, d_sae: int, tokens: int, folder: Path, family: bool = False,
-             only: tuple[str, ...] | None = None) -> list[dict]:
-    from workbench import synthetic
+def workers_for(generator: str, family: bool) -> tuple[str, ...]:
+    """The workers of one (size, generator). ``workbench-fp32`` only where bf16 selection is
+    fast (elsewhere ``workbench`` already selects in float32: the same run twice)."""
     from workbench.sae.sparse_ops import fast_bf16_matmul
 
-    data = synthetic.superposition(d=d_in, n_features=d_sae, avg_active=8, noise=0.01, seed=0)
-    path = folder / f"data-{d_in}-{d_sae}.pt"
-    # Drawn in batches: one dense [tokens, d_sae] coefficient matrix would not fit in memory.
+    ours = LIBRARIES if fast_bf16_matmul(torch.device("cpu")) else tuple(w for w in LIBRARIES if w != "workbench-fp32")
+    extra = FAMILY + PENALTY if family and generator == "A" else ()
+    return ours + SHARED + extra
+
+
+def make_data(d_in: int, d_sae: int, tokens: int, generator: str, path: Path) -> None:
+    from workbench import synthetic
+
+    settings = GENERATORS[generator]
+    data = synthetic.superposition(d=d_in, n_features=d_sae * settings["features_per_latent"], avg_active=8,
+                                   exponent=settings["exponent"], noise=0.01, seed=0, magnitudes=settings["magnitudes"])
+    # Drawn in batches: one dense [tokens, n_features] coefficient matrix would not fit in memory.
     train = torch.cat(list(data.batches(BATCH, tokens, seed=1)))
     held_out = torch.cat(list(data.batches(BATCH, HELD_OUT, seed=2)))
-    torch.save({"train": train, "held_out": held_out}, path)
-    del train, held_out
-    rows = []
-    for library in only or LIBRARIES + (FAMILY + PENALTY if family else ()):
-        done = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{library} failed at d_in={d_in}, d_sae={d_sae}:\n{done.stderr[-3000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+    torch.save({"train": train, "held_out": held_out, "features": data.features}, path)
+
+
+def run_size(d_in: int, d_sae: int, tokens: int, generator: str, folder: Path, workers: tuple[str, ...],
+             done: list[dict], record: Path | None = None) -> list[dict]:
+    """Run the workers not already in ``done`` (a resumed run's records) on one data set;
+    append each result to ``record`` as it finishes, so a stopped run loses one worker at most."""
+    from workbench.sae.sparse_ops import fast_bf16_matmul
+
+    key = dict(d_in=d_in, d_sae=d_sae, tokens=tokens, generator=generator)
+    rows = [r for r in done if all(r.get(k) == v for k, v in key.items()) and r["library"] in workers]
+    todo = [w for w in workers if w not in {r["library"] for r in rows}]
+    if not todo:
+        return rows
+    path = folder / f"data-{d_in}-{d_sae}-{generator}.pt"
+    make_data(d_in, d_sae, tokens, generator, path)
+    for library in todo:
+        done_ = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
+                               capture_output=True, text=True)
+        if done_.returncode != 0:
+            raise RuntimeError(f"{library} failed at d_in={d_in}, d_sae={d_sae}, data {generator}:\n{done_.stderr[-3000:]}")
+        result = json.loads(done_.stdout.strip().splitlines()[-1])
         bf16 = library.startswith("workbench") and library != "workbench-fp32" and fast_bf16_matmul(torch.device("cpu"))
         result["encoder_dtype"] = "bf16 (selection)" if bf16 else "fp32"
         ceiling = matmul_ceiling(d_in, d_sae, torch.bfloat16 if bf16 else torch.float32)
         result["ceiling_gflops"] = ceiling
         result["ceiling_fraction"] = 2 * d_in * d_sae * result["tokens_per_s"] / 1e9 / ceiling
-        result.update(d_in=d_in, d_sae=d_sae, tokens=tokens)
+        result.update(key, commit=commit())
         print(json.dumps(result), flush=True)
+        if record is not None:
+            with record.open("a") as f:
+                f.write(json.dumps(result) + "\n")
         rows.append(result)
     return rows
 
 
-def report(results: list[dict]) -> str:
-    header = ["d_in", "d_sae", "library", "encoder matmul", "tokens/s", "× fastest other", "peak MiB", "held-out FVU",
-              "matmul ceiling GFLOP/s", "% of ceiling"]
-    lines = []
+
+def _setting(library: str, d_sae: int) -> str:
+    from workbench.trainer import default_lr
+
+    if library.endswith("shared_lr"):
+        return f"Adam {SHARED_LR:g}"
+    return {"workbench": f"default (Adam {default_lr(d_sae):.2g})", "workbench-fp32": f"default (Adam {default_lr(d_sae):.2g})",
+            "sae_lens": "default (Adam 3e-4)",
+            "sparsify": f"default (signum {5e-3 / (d_sae / 2**14) ** 0.5:.2g}, schedule-free)"}[library]
+
+
+def report(results: list[dict], missing: list[str]) -> str:
+    header = ["d_in", "d_sae", "data", "library", "optimiser", "encoder matmul", "tokens/s", "× fastest other default",
+              "peak MiB", "held-out FVU", "MMCS", "% of matmul ceiling"]
+    lines, targets = [], []
     family = [r for r in results if r["library"] in FAMILY]
     penalty = [r for r in results if r["library"] in PENALTY]
-    results = [r for r in results if r["library"] in LIBRARIES]
-    for size in sorted({(r["d_in"], r["d_sae"]) for r in results}):
-        group = [r for r in results if (r["d_in"], r["d_sae"]) == size]
-        fastest_other = max(r["tokens_per_s"] for r in group if not r["library"].startswith("workbench"))
+    results = [r for r in results if r["library"] in LIBRARIES + SHARED]
+    for size in sorted({(r["d_in"], r["d_sae"], r["generator"]) for r in results}):
+        group = [r for r in results if (r["d_in"], r["d_sae"], r["generator"]) == size]
+        others = [r for r in group if not r["library"].startswith("workbench")]
+        fastest_other = max((r["tokens_per_s"] for r in others if r["library"] not in SHARED), default=float("nan"))
         for r in group:
-            lines.append([r["d_in"], r["d_sae"], r["library"], r["encoder_dtype"], f"{r['tokens_per_s']:,.0f}",
-                          f"{r['tokens_per_s'] / fastest_other:.2f}", f"{r['peak_mib']:,.0f}", f"{r['fvu']:.4f}",
-                          f"{r['ceiling_gflops']:.0f}", f"{100 * r['ceiling_fraction']:.0f}%"])
+            lines.append([r["d_in"], r["d_sae"], r["generator"], r["library"].split("-")[0], _setting(r["library"], r["d_sae"]),
+                          r["encoder_dtype"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / fastest_other:.2f}",
+                          f"{r['peak_mib']:,.0f}", f"{r['fvu']:.4f}", f"{r['mmcs']:.3f}",
+                          f"{100 * r['ceiling_fraction']:.0f}%"])
+        ours = next((r for r in group if r["library"] == "workbench"), None)
+        if ours and others:
+            best = min(others, key=lambda r: r["fvu"])
+            targets.append([size[0], size[1], size[2], f"{ours['fvu']:.4f}", f"{best['library'].split('-')[0]}, "
+                            f"{_setting(best['library'], best['d_sae'])}", f"{best['fvu']:.4f}",
+                            f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}",
+                            "yes" if ours["fvu"] <= best["fvu"] and ours["tokens_per_s"] >= 2 * best["tokens_per_s"] else "no"])
     tokens = ", ".join(f"{d}/{m}: {t:,} tokens" for d, m, t in sorted({(r['d_in'], r['d_sae'], r['tokens']) for r in results}))
+    commits = sorted({r["commit"] for r in results + family + penalty})
+    generators = "; ".join(f"{name}: {v['features_per_latent']}× d_sae true features, frequency exponent {v['exponent']}, "
+                           f"{'|N(0,1)| + 0.5' if v['magnitudes'] == 'folded_normal' else 'Exp(1)'} magnitudes"
+                           for name, v in GENERATORS.items())
     return "\n".join([
         "## bench_train: TopK SAE training, workbench vs SAELens vs sparsify",
         "",
-        f"`.venv/bin/python benchmarks/bench_train.py` on {machine()}. k={K}, batch {BATCH}, {tokens}; "
-        "synthetic superposition data (d_sae true features, ~8 active per row, noise 0.01); each library with "
-        "its own default optimiser and lr; held-out FVU on 16,384 unseen rows. `workbench-fp32` is workbench "
-        "with `selection_precision=\"float32\"` (no bf16 anywhere). Peak MiB: max RSS above the RSS with the "
-        "data loaded. % of ceiling: the encoder's 2·d_in·d_sae FLOPs per token at this speed over the "
-        "machine's best matmul in that dtype.",
+        f"`.venv/bin/python benchmarks/bench_train.py` on {machine()}, commit{'s' if len(commits) > 1 else ''} "
+        f"{', '.join(commits)}. k={K}, batch {BATCH}, {tokens}; synthetic superposition data, ~8 active features per "
+        f"row, noise 0.01, two generators ({generators}). Each library at its own default optimiser and lr, and with "
+        f"Adam at a shared lr {SHARED_LR:g} (workbench keeps its warm-up, decay and clipping; SAELens its constant "
+        "schedule; sparsify plain Adam at a constant lr). Held-out FVU on 16,384 unseen rows; MMCS of the decoder "
+        "against the true features. `workbench-fp32` (no bf16 anywhere) only runs where bf16 selection is fast. Peak "
+        "MiB: max RSS above the RSS with the data loaded. % of matmul ceiling: the encoder's 2·d_in·d_sae FLOPs per "
+        "token at this speed over the machine's best matmul in that dtype.",
         "",
         table(header, lines),
-        *family_report(family, results),
-        *penalty_report(penalty, results),
+        "",
+        "The target: our defaults at an FVU equal to or better than the best other run (either library, either "
+        "optimiser setting) on the same data, at ≥ 2× that run's tokens/s.",
+        "",
+        table(["d_in", "d_sae", "data", "our FVU", "best other run", "its FVU", "our tokens/s ÷ its", "met"], targets),
+        *([f"", f"Not run yet: {', '.join(missing)}."] if missing else []),
+        *family_report(family, [r for r in results if r["generator"] == "A"]),
+        *penalty_report(penalty, [r for r in results if r["generator"] == "A"]),
     ])
+
+
+def _ratio(row: dict, other: dict | None) -> str:
+    """row's tokens/s over other's, or — where other has not run (a partial record)."""
+    return "—" if other is None else f"{row['tokens_per_s'] / other['tokens_per_s']:.2f}"
+
+
+def _partner(rows: list[dict], library: str, architecture: str) -> dict | None:
+    """The other library's run of the same architecture."""
+    name = f"{'sae_lens' if library == 'workbench' else 'workbench'}-{architecture}"
+    return next((o for o in rows if o["library"] == name), None)
 
 
 def penalty_report(penalty: list[dict], topk: list[dict]) -> list[str]:
@@ -287,10 +383,10 @@ def penalty_report(penalty: list[dict], topk: list[dict]) -> list[str]:
     lines = []
     for r in penalty:
         library, architecture = r["library"].split("-")
-        ours_topk = next(t for t in topk if t["library"] == "workbench" and (t["d_in"], t["d_sae"]) == (r["d_in"], r["d_sae"]))
-        other = next(o for o in penalty if o["library"] == f"{'sae_lens' if library == 'workbench' else 'workbench'}-{architecture}")
+        ours_topk = next((t for t in topk if t["library"] == "workbench" and (t["d_in"], t["d_sae"]) == (r["d_in"], r["d_sae"])),
+                         None)
         lines.append([r["d_in"], r["d_sae"], library, architecture, f"{r['tokens_per_s']:,.0f}",
-                      f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / ours_topk['tokens_per_s']:.2f}",
+                      _ratio(r, _partner(penalty, library, architecture)), _ratio(r, ours_topk),
                       f"{r['peak_mib']:,.0f}", f"{r['l0']:.1f}", f"{r['fvu']:.4f}"])
     return ["", f"SAEs sparse by a penalty, on the same data and steps, both libraries optimising the same objective "
             f"(λ converted between the two losses' normalisations; see PENALTY in the script): ReLU-L1 at λ = {RELU_L1} "
@@ -308,10 +404,10 @@ def family_report(family: list[dict], topk: list[dict]) -> list[str]:
     lines = []
     for r in family:
         library, architecture = r["library"].split("-")
-        own_topk = next(t for t in topk if t["library"] == library and (t["d_in"], t["d_sae"]) == (r["d_in"], r["d_sae"]))
-        other = next(o for o in family if o["library"] == f"{'sae_lens' if library == 'workbench' else 'workbench'}-{architecture}")
+        own_topk = next((t for t in topk if t["library"] == library and (t["d_in"], t["d_sae"]) == (r["d_in"], r["d_sae"])),
+                        None)
         lines.append([r["d_in"], r["d_sae"], library, architecture, f"{r['tokens_per_s']:,.0f}",
-                      f"{r['tokens_per_s'] / own_topk['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}",
+                      _ratio(r, own_topk), _ratio(r, _partner(family, library, architecture)),
                       f"{r['peak_mib']:,.0f}", f"{r['fvu']:.4f}"])
     return ["", "The BatchTopK family on the same data and steps (k = 32 on average per row; Matryoshka's nested "
             f"widths {prefixes(family[0]['d_sae'])}, level losses summed in both libraries). Held-out FVU with the batch "
@@ -324,6 +420,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes; print, do not write RESULTS.md")
     parser.add_argument("--only", nargs="+", choices=WORKERS, help="run these workers at the first size; print only")
+    parser.add_argument("--data-generator", choices=tuple(GENERATORS), default="A", help="the data set --only uses")
+    parser.add_argument("--resume", type=Path, help="a JSON-lines file of finished workers: they are kept, not rerun, "
+                        "and each worker that finishes is appended (a stopped run loses one worker at most)")
+    parser.add_argument("--partial", action="store_true", help="with --resume: write the section from the finished "
+                        "workers alone, naming those not run yet; trains nothing")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
@@ -331,18 +432,39 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.data, args.d_sae)))
         return
-    results = []
+    sizes = QUICK_SIZES if args.quick else SIZES
+    if args.partial:
+        if not (args.resume and args.resume.exists()):
+            parser.error("--partial needs --resume FILE, the record of an earlier run")
+        write_section("bench_train", report_so_far(args.resume))
+        return
     if args.only:
         with tempfile.TemporaryDirectory() as folder:
-            run_size(*(QUICK_SIZES if args.quick else SIZES)[0], Path(folder), only=tuple(args.only))
+            run_size(*sizes[0], args.data_generator, Path(folder), tuple(args.only), done=[])
         return
+    done = [json.loads(line) for line in args.resume.read_text().splitlines() if line.strip()] \
+        if args.resume and args.resume.exists() else []
+    results = []
     with tempfile.TemporaryDirectory() as folder:
-        for i, (d_in, d_sae, tokens) in enumerate(QUICK_SIZES if args.quick else SIZES):
-            results += run_size(d_in, d_sae, tokens, Path(folder), family=i == 0)
-    body = report(results)
+        for i, (d_in, d_sae, tokens) in enumerate(sizes):
+            for generator in GENERATORS:
+                results += run_size(d_in, d_sae, tokens, generator, Path(folder), workers_for(generator, family=i == 0),
+                                    done, args.resume)
+    body = report(results, missing=[])
     print(body)
     if not args.quick:
         write_section("bench_train", body)
+
+
+def report_so_far(record: Path) -> str:
+    """The section from a partial ``--resume`` record, naming the workers not yet run."""
+    done = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    missing = []
+    for i, (d_in, d_sae, tokens) in enumerate(SIZES):
+        for generator in GENERATORS:
+            have = {r["library"] for r in done if (r["d_in"], r["d_sae"], r["tokens"], r["generator"]) == (d_in, d_sae, tokens, generator)}
+            missing += [f"{w} at {d_in}/{d_sae} data {generator}" for w in workers_for(generator, i == 0) if w not in have]
+    return report(done, missing)
 
 
 if __name__ == "__main__":
