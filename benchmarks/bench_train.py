@@ -247,14 +247,18 @@ def matmul_ceiling(d_in: int, d_sae: int, dtype: torch.dtype) -> float:
     return 2 * BATCH * d_in * d_sae / best / 1e9
 
 
-def workers_for(generator: str, family: bool) -> tuple[str, ...]:
-    """The workers of one (size, generator). ``workbench-fp32`` only where bf16 selection is
-    fast (elsewhere ``workbench`` already selects in float32: the same run twice)."""
+def workers_for(d_sae: int, generator: str, family: bool) -> tuple[str, ...]:
+    """The workers of one (size, generator), leaving out runs identical to another:
+    ``workbench-fp32`` where bf16 selection is not fast (``workbench`` selects in float32
+    there), and ``workbench-shared_lr`` where our default lr is the shared one."""
     from workbench.sae.sparse_ops import fast_bf16_matmul
+    from workbench.trainer import default_lr
 
-    ours = LIBRARIES if fast_bf16_matmul(torch.device("cpu")) else tuple(w for w in LIBRARIES if w != "workbench-fp32")
+    same = {"workbench-fp32"} if not fast_bf16_matmul(torch.device("cpu")) else set()
+    if abs(default_lr(d_sae) - SHARED_LR) < 1e-9:
+        same.add("workbench-shared_lr")
     extra = FAMILY + PENALTY if family and generator == "A" else ()
-    return ours + SHARED + extra
+    return tuple(w for w in LIBRARIES + SHARED + extra if w not in same)
 
 
 def make_data(d_in: int, d_sae: int, tokens: int, generator: str, path: Path) -> None:
@@ -448,7 +452,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for i, (d_in, d_sae, tokens) in enumerate(sizes):
             for generator in GENERATORS:
-                results += run_size(d_in, d_sae, tokens, generator, Path(folder), workers_for(generator, family=i == 0),
+                results += run_size(d_in, d_sae, tokens, generator, Path(folder), workers_for(d_sae, generator, family=i == 0),
                                     done, args.resume)
     body = report(results, missing=[])
     print(body)
@@ -463,7 +467,7 @@ def report_so_far(record: Path) -> str:
     for i, (d_in, d_sae, tokens) in enumerate(SIZES):
         for generator in GENERATORS:
             have = {r["library"] for r in done if (r["d_in"], r["d_sae"], r["tokens"], r["generator"]) == (d_in, d_sae, tokens, generator)}
-            missing += [f"{w} at {d_in}/{d_sae} data {generator}" for w in workers_for(generator, i == 0) if w not in have]
+            missing += [f"{w} at {d_in}/{d_sae} data {generator}" for w in workers_for(d_sae, generator, i == 0) if w not in have]
     return report(done, missing)
 
 
