@@ -353,7 +353,8 @@ def report(results: list[dict], missing: list[str]) -> str:
         f"row, noise 0.01, two generators ({generators}). Each library at its own default optimiser and lr, and with "
         f"Adam at a shared lr {SHARED_LR:g} (workbench keeps its warm-up, decay and clipping; SAELens its constant "
         "schedule; sparsify plain Adam at a constant lr). Held-out FVU on 16,384 unseen rows; MMCS of the decoder "
-        "against the true features. `workbench-fp32` (no bf16 anywhere) only runs where bf16 selection is fast. Peak "
+        "against the true features. Where our default lr is the shared one (d_sae 16,384), one workbench run stands "
+        "for both settings; `workbench-fp32` (no bf16 anywhere) only runs where bf16 selection is fast. Peak "
         "MiB: max RSS above the RSS with the data loaded. % of matmul ceiling: the encoder's 2·d_in·d_sae FLOPs per "
         "token at this speed over the machine's best matmul in that dtype.",
         "",
