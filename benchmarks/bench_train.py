@@ -339,7 +339,9 @@ def report(results: list[dict], missing: list[str]) -> str:
             targets.append([size[0], size[1], size[2], f"{ours['fvu']:.4f}", f"{best['library'].split('-')[0]}, "
                             f"{_setting(best['library'], best['d_sae'])}", f"{best['fvu']:.4f}",
                             f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}",
-                            "yes" if ours["fvu"] <= best["fvu"] and ours["tokens_per_s"] >= 2 * best["tokens_per_s"] else "no"])
+                            "open: runs missing" if any(m.endswith(f"at {size[0]}/{size[1]} data {size[2]}") for m in missing)
+                            else "yes" if ours["fvu"] <= best["fvu"] and ours["tokens_per_s"] >= 2 * best["tokens_per_s"]
+                            else "no"])
     tokens = ", ".join(f"{d}/{m}: {t:,} tokens" for d, m, t in sorted({(r['d_in'], r['d_sae'], r['tokens']) for r in results}))
     commits = sorted({r["commit"] for r in results + family + penalty})
     generators = "; ".join(f"{name}: {v['features_per_latent']}× d_sae true features, frequency exponent {v['exponent']}, "
