@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import commit, machine, table, write_section  # noqa: E402
+from results import append_record, commit, machine, read_record, table, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -157,17 +156,14 @@ def main() -> None:
     d_in, d_sae, tokens = QUICK_SIZE if args.quick else SIZE
     tokens = args.tokens or tokens
     record = Path(tempfile.mkdtemp()) / "quick.jsonl" if args.quick else args.record
-    done = _read(record)
+    done = read_record(record)
     have = {r["variant"] for r in done if (r["d_in"], r["d_sae"], r["tokens"]) == (d_in, d_sae, tokens)}
     variants = [v for v in VARIANTS if (not args.variants or v[0] in args.variants) and v[0] not in have]
     reference = "sparsify, Adam" not in have
     if variants or reference:
-        runs = train_all(d_in, d_sae, tokens, variants, reference, args.data)
-        record.parent.mkdir(exist_ok=True)
-        with record.open("a") as f:
-            for run in runs:
-                f.write(json.dumps({"d_in": d_in, "d_sae": d_sae, "tokens": tokens, "commit": commit(), **run}) + "\n")
-    body = report(_read(record))
+        for run in train_all(d_in, d_sae, tokens, variants, reference, args.data):
+            append_record(record, {"d_in": d_in, "d_sae": d_sae, "tokens": tokens, "commit": commit(), **run})
+    body = report(read_record(record))
     print(body)
     if not args.quick:
         write_section("bench_topk_ablations", body)
@@ -233,11 +229,6 @@ def report(runs: list[dict]) -> str:
         table(["tokens", "variant", "change", "held-out FVU", "MMCS", "median grad norm", "clipped", "seconds", "commit"],
               rows),
     ])
-
-
-def _read(record: Path) -> list[dict]:
-    return [json.loads(line) for line in record.read_text().splitlines() if line.strip()] if record.exists() else []
-
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ constant schedule, and sparsify swaps signum + schedule-free for plain Adam at a
 
 Every library runs in its own subprocess, so peak memory (max RSS above the RSS with the
 data loaded) is its own. Held-out FVU is computed the same way for all (float64 sums) on
-rows none of them trained on, and MMCS of each decoder against the true features. Tokens/s counts the whole training call after the data is in
-memory. The matmul ceiling is this machine's best [4096, d_in] × [d_in, d_sae] product in
+rows none of them trained on, and MMCS of each decoder against the true features. Tokens/s
+counts the whole training call after the data is in memory. The matmul ceiling is this machine's best [4096, d_in] × [d_in, d_sae] product in
 the dtype each library's encoder uses; "% of ceiling" is the encoder forward's 2·d_in·d_sae
 FLOPs per token at the measured tokens/s over that ceiling — the one dense product a TopK
 step cannot avoid.
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import commit, machine, table, write_section  # noqa: E402
+from results import append_record, commit, machine, read_record, table, write_section  # noqa: E402
 
 K, BATCH = 32, 4096
 # (d_in, d_sae, training tokens): the two sizes the target names.
@@ -287,11 +287,11 @@ def run_size(d_in: int, d_sae: int, tokens: int, generator: str, folder: Path, w
     path = folder / f"data-{d_in}-{d_sae}-{generator}.pt"
     make_data(d_in, d_sae, tokens, generator, path)
     for library in todo:
-        done_ = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
-                               capture_output=True, text=True)
-        if done_.returncode != 0:
-            raise RuntimeError(f"{library} failed at d_in={d_in}, d_sae={d_sae}, data {generator}:\n{done_.stderr[-3000:]}")
-        result = json.loads(done_.stdout.strip().splitlines()[-1])
+        process = subprocess.run([sys.executable, __file__, "--worker", library, "--data", str(path), "--d-sae", str(d_sae)],
+                                 capture_output=True, text=True)
+        if process.returncode != 0:
+            raise RuntimeError(f"{library} failed at d_in={d_in}, d_sae={d_sae}, data {generator}:\n{process.stderr[-3000:]}")
+        result = json.loads(process.stdout.strip().splitlines()[-1])
         bf16 = library.startswith("workbench") and library != "workbench-fp32" and fast_bf16_matmul(torch.device("cpu"))
         result["encoder_dtype"] = "bf16 (selection)" if bf16 else "fp32"
         ceiling = matmul_ceiling(d_in, d_sae, torch.bfloat16 if bf16 else torch.float32)
@@ -300,8 +300,7 @@ def run_size(d_in: int, d_sae: int, tokens: int, generator: str, folder: Path, w
         result.update(key, commit=commit())
         print(json.dumps(result), flush=True)
         if record is not None:
-            with record.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_record(record, result)
         rows.append(result)
     return rows
 
@@ -312,12 +311,23 @@ def _setting(library: str, d_sae: int) -> str:
 
     if library.endswith("shared_lr"):
         return f"Adam {SHARED_LR:g}"
-    return {"workbench": f"default (Adam {default_lr(d_sae):.2g})", "workbench-fp32": f"default (Adam {default_lr(d_sae):.2g})",
-            "sae_lens": "default (Adam 3e-4)",
+    if library.startswith("workbench"):
+        return f"default (Adam {default_lr(d_sae):.2g})"
+    return {"sae_lens": "default (Adam 3e-4)",
             "sparsify": f"default (signum {5e-3 / (d_sae / 2**14) ** 0.5:.2g}, schedule-free)"}[library]
 
 
-def report(results: list[dict], missing: list[str]) -> str:
+def missing_workers(done: list[dict], sizes: list[tuple[int, int, int]]) -> list[tuple[str, int, int, str]]:
+    """(worker, d_in, d_sae, generator) of every run a full benchmark has that ``done`` lacks."""
+    missing = []
+    for i, (d_in, d_sae, tokens) in enumerate(sizes):
+        for generator in GENERATORS:
+            have = {r["library"] for r in done if (r["d_in"], r["d_sae"], r["tokens"], r["generator"]) == (d_in, d_sae, tokens, generator)}
+            missing += [(w, d_in, d_sae, generator) for w in workers_for(d_sae, generator, i == 0) if w not in have]
+    return missing
+
+
+def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str:
     header = ["d_in", "d_sae", "data", "library", "optimiser", "encoder matmul", "tokens/s", "× fastest other default",
               "peak MiB", "held-out FVU", "MMCS", "% of matmul ceiling"]
     lines, targets = [], []
@@ -339,7 +349,7 @@ def report(results: list[dict], missing: list[str]) -> str:
             targets.append([size[0], size[1], size[2], f"{ours['fvu']:.4f}", f"{best['library'].split('-')[0]}, "
                             f"{_setting(best['library'], best['d_sae'])}", f"{best['fvu']:.4f}",
                             f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}",
-                            "open: runs missing" if any(m.endswith(f"at {size[0]}/{size[1]} data {size[2]}") for m in missing)
+                            "open: runs missing" if any(m[1:] == size for m in missing)
                             else "yes" if ours["fvu"] <= best["fvu"] and ours["tokens_per_s"] >= 2 * best["tokens_per_s"]
                             else "no"])
     tokens = ", ".join(f"{d}/{m}: {t:,} tokens" for d, m, t in sorted({(r['d_in'], r['d_sae'], r['tokens']) for r in results}))
@@ -366,7 +376,7 @@ def report(results: list[dict], missing: list[str]) -> str:
         "optimiser setting) on the same data, at ≥ 2× that run's tokens/s.",
         "",
         table(["d_in", "d_sae", "data", "our FVU", "best other run", "its FVU", "our tokens/s ÷ its", "met"], targets),
-        *([f"", f"Not run yet: {', '.join(missing)}."] if missing else []),
+        *(["", "Not run yet: " + ", ".join(f"{w} at {d}/{m} data {g}" for w, d, m, g in missing) + "."] if missing else []),
         *family_report(family, [r for r in results if r["generator"] == "A"]),
         *penalty_report(penalty, [r for r in results if r["generator"] == "A"]),
     ])
@@ -443,35 +453,24 @@ def main() -> None:
     if args.partial:
         if not (args.resume and args.resume.exists()):
             parser.error("--partial needs --resume FILE, the record of an earlier run")
-        write_section("bench_train", report_so_far(args.resume))
+        done = read_record(args.resume)
+        write_section("bench_train", report(done, missing_workers(done, SIZES)))
         return
     if args.only:
         with tempfile.TemporaryDirectory() as folder:
             run_size(*sizes[0], args.data_generator, Path(folder), tuple(args.only), done=[])
         return
-    done = [json.loads(line) for line in args.resume.read_text().splitlines() if line.strip()] \
-        if args.resume and args.resume.exists() else []
+    done = read_record(args.resume) if args.resume else []
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for i, (d_in, d_sae, tokens) in enumerate(sizes):
             for generator in GENERATORS:
                 results += run_size(d_in, d_sae, tokens, generator, Path(folder), workers_for(d_sae, generator, family=i == 0),
                                     done, args.resume)
-    body = report(results, missing=[])
+    body = report(results, missing_workers(results, sizes))
     print(body)
     if not args.quick:
         write_section("bench_train", body)
-
-
-def report_so_far(record: Path) -> str:
-    """The section from a partial ``--resume`` record, naming the workers not yet run."""
-    done = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
-    missing = []
-    for i, (d_in, d_sae, tokens) in enumerate(SIZES):
-        for generator in GENERATORS:
-            have = {r["library"] for r in done if (r["d_in"], r["d_sae"], r["tokens"], r["generator"]) == (d_in, d_sae, tokens, generator)}
-            missing += [f"{w} at {d_in}/{d_sae} data {generator}" for w in workers_for(d_sae, generator, i == 0) if w not in have]
-    return report(done, missing)
 
 
 if __name__ == "__main__":

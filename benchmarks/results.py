@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import subprocess
@@ -39,3 +40,15 @@ def commit() -> str:
     """The short hash of the checked-out commit, recorded beside each result."""
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     return done.stdout.strip() or "unknown"
+
+
+def read_record(path: Path) -> list[dict]:
+    """The runs a long benchmark has finished, one JSON object per line (none if no file)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_record(path: Path, run: dict) -> None:
+    """Add one finished run to the record, as soon as it finishes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(run) + "\n")
