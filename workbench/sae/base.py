@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..paths import atomic_write_text
-from .sparse_ops import gathered_pre_acts, gathered_pre_acts_csr
+from .sparse_ops import SparsePattern, gathered_pre_acts, gathered_pre_acts_csr, sparse_decode
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -409,15 +409,19 @@ class SparseAutoencoder(nn.Module):
             if self.training and observe:
                 self.observe(code)
             return ForwardResult(x_hat, code, pre, levels)
-        exact = gathered_pre_acts(x, self.input_bias, self.W_enc, self.b_enc, chosen.indices)
+        pattern = SparsePattern.fixed_width(chosen.indices, self.cfg.d_sae)  # shared by encode and decode
+        exact = gathered_pre_acts(x, self.input_bias, self.W_enc, self.b_enc, chosen.indices, pattern)
         # ReLU; a latent chosen at value 0 (fewer than k positive) stays 0 whatever its exact value.
         code = SparseCode(torch.where(chosen.values > 0, exact.relu(), 0.0), chosen.indices)
         if self.sorted_code:
             order = code.values.argsort(dim=-1, descending=True, stable=True)
             code = SparseCode(code.values.gather(1, order), code.indices.gather(1, order))
+            x_hat = self.decode_sparse(code)
+        else:
+            x_hat = sparse_decode(code.values.view(-1), self.W_dec, pattern) + self.b_dec
         if self.training and observe:
             self.observe(code)
-        return ForwardResult(self.decode_sparse(code), code, pre)
+        return ForwardResult(x_hat, code, pre)
 
     def _ragged_forward(self, x: Tensor, chosen: SparseCode) -> tuple[SparseCode, Tensor, Tensor | None]:
         """forward_train's values and x̂ for a code whose rows keep different numbers of
@@ -431,16 +435,16 @@ class SparseAutoencoder(nn.Module):
         cols = chosen.indices[real]  # row-major: grouped by row, as CSR wants
         crow = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
         crow[1:] = real.sum(1).cumsum(0)
-        values = gathered_pre_acts_csr(x, self.input_bias, self.W_enc, self.b_enc, crow, cols).relu()
-        x_hat, levels = self.decode_entries(crow, cols, values)
+        pattern = SparsePattern(crow, cols, self.cfg.d_sae)
+        values = gathered_pre_acts_csr(x, self.input_bias, self.W_enc, self.b_enc, pattern).relu()
+        x_hat, levels = self.decode_entries(pattern, values)
         code = SparseCode(values.new_zeros(chosen.values.shape).masked_scatter(real, values), chosen.indices)
         return code, x_hat, levels
 
-    def decode_entries(self, crow: Tensor, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x̂ of a code given as CSR entries (row b owns entries crow[b]..crow[b+1]), and the
+    def decode_entries(self, pattern: SparsePattern, values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x̂ of a code given as the entries of a pattern (flat ``values``), and the
         ``levels`` of ``ForwardResult`` for architectures whose loss needs them (else None)."""
-        x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, crow[:-1], per_sample_weights=values, mode="sum")
-        return x_hat + self.b_dec, None
+        return sparse_decode(values, self.W_dec, pattern) + self.b_dec, None
 
     def _dense_forward(self, x: Tensor, chosen: SparseCode, real: Tensor) -> tuple[SparseCode, Tensor, None]:
         """``_ragged_forward``'s code and x̂ (the same values and gradients, summed in another

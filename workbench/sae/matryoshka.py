@@ -21,6 +21,7 @@ from torch import Tensor
 from .base import ForwardResult, SparseCode
 from .base import register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .sparse_ops import SparsePattern, sparse_decode
 
 
 @dataclasses.dataclass
@@ -58,29 +59,38 @@ class MatryoshkaSAE(BatchTopKSAE):
         rows = code.values.shape[0]
         return self._group_sums(rows, row, code.indices.view(-1)[position], code.values.view(-1)[position])
 
-    def _group_sums(self, rows: int, row: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    def _group_sums(self, rows: int, row: Tensor, indices: Tensor, values: Tensor,
+                    code_pattern: SparsePattern | None = None) -> Tensor:
         """``group_sums`` of the entries (row[e], indices[e]) = values[e], given row-major
-        (rows ascending; a row's latents in any order), in one embedding_bag
+        (rows ascending; a row's latents in any order), in one sparse decode
         with one bag per (level, row). Level-major, so that each level's [batch, d_in] slice is
-        contiguous: the loss's per-level passes ran ~2.5× slower on strided slices."""
+        contiguous: the loss's per-level passes ran ~2.5× slower on strided slices.
+        ``code_pattern``: these entries' own (row-major) pattern, whose transpose the
+        decode's backward reuses."""
         levels = len(self.cfg.prefixes)
         group = torch.bucketize(indices, torch.as_tensor(self.cfg.prefixes, device=indices.device), right=True)
         # Bags must be contiguous: the entries, row-major, taken level by level (a stable
         # partition by level, half the cost of a sort).
         order = torch.cat([(group == level).nonzero().squeeze(1) for level in range(levels)])
-        bag = (group * rows + row)[order]
-        indices, values = indices[order], values[order]
-        counts = torch.bincount(bag, minlength=rows * levels)
-        offsets = counts.cumsum(0) - counts
-        sums = torch.nn.functional.embedding_bag(indices, self.W_dec, offsets, per_sample_weights=values, mode="sum")
-        return sums.view(levels, rows, -1)
+        bag = group * rows + row
+        crow = torch.zeros(rows * levels + 1, dtype=torch.long, device=indices.device)
+        crow[1:] = torch.bincount(bag, minlength=rows * levels).cumsum(0)
+        transpose = None
+        if code_pattern is not None:
+            # Grouped by latent, the bag pattern is the code's transpose with each row moved
+            # to its latent's level block (a latent has one level, so the row order within a
+            # latent is unchanged): no second sort of the entries.
+            latent_crow, _, entry = code_pattern.transpose()
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.numel(), device=order.device)  # entry → its place in the bags
+            transpose = (latent_crow, bag[entry], position[entry])
+        pattern = SparsePattern(crow, indices[order], self.cfg.d_sae, transpose)
+        return sparse_decode(values[order], self.W_dec, pattern).view(levels, rows, -1)
 
-    def decode_entries(self, crow: Tensor, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    def decode_entries(self, pattern: SparsePattern, values: Tensor) -> tuple[Tensor, Tensor]:
         """The trainer's decode: the group sums, which the loss needs, and x̂ as their total
-        (one embedding_bag for both)."""
-        rows = crow.numel() - 1
-        row = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
-        levels = self._group_sums(rows, row, cols, values)
+        (one sparse decode for both)."""
+        levels = self._group_sums(pattern.n_rows, pattern.rows(), pattern.cols, values, pattern)
         return levels.sum(0) + self.b_dec, levels
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:

@@ -10,7 +10,9 @@ loss depends on the k chosen values alone. So the trainer
 2. recomputes the chosen values exactly, in float32, as a sampled dense-dense product
    (SDDMM: B·k dot products instead of B·d_sae), and
 3. back-propagates only through those B·k entries: ∂W_enc = (x − b_dec)ᵀ G with G the
-   sparse [B, d_sae] gradient, a sparse-dense product, instead of two dense matmuls.
+   sparse [B, d_sae] gradient, a sparse-dense product, instead of two dense matmuls, and
+4. decodes and differentiates the decode over the same entries (``sparse_decode``), the
+   entries grouped by latent (a sort) once for both weight gradients (``SparsePattern``).
 
 EleutherAI's sparsify has the same sparse backward (its ``FusedEncoder``) but keeps the
 forward dense in float32 and scatters a [B, k, d_in] buffer to form ∂W_enc.
@@ -42,65 +44,136 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
         return torch.sparse_csr_tensor(crow, cols, values, size=(crow.numel() - 1, n_cols))
 
 
-def _column_pattern(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
-    """The transpose of the entries (rows[e], cols[e]) = values[e] as CSR [n_cols, n_rows]."""
-    order = stable_argsort(cols)  # stable: a deterministic sum order per latent
-    counts = torch.bincount(cols, minlength=n_cols)
-    crow = torch.zeros(n_cols + 1, dtype=torch.long, device=cols.device)
-    crow[1:] = counts.cumsum(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, rows[order], values[order], size=(n_cols, n_rows))
+class SparsePattern:
+    """Where a sparse [rows, n_cols] matrix has entries: row ``b`` holds the latents
+    cols[crow[b]:crow[b+1]] (CSR). A training step multiplies by this pattern four times
+    (the encoder's values and their gradient, the decode and its gradient); the two
+    weight gradients need it transposed, grouped by latent, and that sort is done once
+    here and shared instead of once per product."""
+
+    def __init__(self, crow: Tensor, cols: Tensor, n_cols: int, transpose: tuple[Tensor, Tensor, Tensor] | None = None):
+        """``transpose``: the ``transpose()`` of this pattern, when the caller has it already."""
+        self.crow, self.cols, self.n_cols = crow, cols, n_cols
+        self._transpose = transpose
+
+    @classmethod
+    def fixed_width(cls, indices: Tensor, n_cols: int) -> "SparsePattern":
+        """The pattern of a code with the same number of latents in every row ([rows, k])."""
+        rows, k = indices.shape
+        return cls(torch.arange(0, rows * k + 1, k, device=indices.device), indices.reshape(-1), n_cols)
+
+    @property
+    def n_rows(self) -> int:
+        return self.crow.numel() - 1
+
+    def rows(self) -> Tensor:
+        """The row of each entry."""
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.crow.device), self.crow.diff())
+
+    def csr(self, values: Tensor) -> Tensor:
+        """The [rows, n_cols] CSR matrix with these values (one per entry, in entry order)."""
+        return _csr(self.crow, self.cols, values, self.n_cols)
+
+    def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The entries grouped by latent, rows ascending within one: (row pointers of the
+        transpose [n_cols + 1], the row of each, the entry each one is)."""
+        if self._transpose is None:
+            order = stable_argsort(self.cols)  # stable: a deterministic sum order per latent
+            crow = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.cols.device)
+            crow[1:] = torch.bincount(self.cols, minlength=self.n_cols).cumsum(0)
+            self._transpose = (crow, self.rows()[order], order)
+        return self._transpose
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """The transpose, [n_cols, rows] as CSR, of ``csr(values)``."""
+        crow, rows, order = self.transpose()
+        return _csr(crow, rows, values[order], self.n_rows)
 
 
 class _GatheredPreActs(torch.autograd.Function):
-    """Pre-activations at the entries of a CSR pattern (row pointers ``crow``, latents ``cols``)."""
+    """Pre-activations at the entries of a ``SparsePattern``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, crow: Tensor, cols: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pattern: SparsePattern) -> Tensor:
         centered = x - b_dec
-        pattern = _csr(crow, cols, cols.new_zeros(cols.numel(), dtype=centered.dtype), W_enc.shape[1])
-        dots = torch.sparse.sampled_addmm(pattern, centered, W_enc, beta=0.0).values()
-        ctx.save_for_backward(centered, W_enc, crow, cols)
-        return dots + b_enc[cols]
+        dots = torch.sparse.sampled_addmm(pattern.csr(centered.new_zeros(pattern.cols.numel())), centered, W_enc,
+                                          beta=0.0).values()
+        ctx.save_for_backward(centered, W_enc)
+        ctx.pattern = pattern
+        return dots + b_enc[pattern.cols]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        centered, W_enc, crow, cols = ctx.saved_tensors
+        centered, W_enc = ctx.saved_tensors
+        pattern = ctx.pattern
         grad_values = grad_values.contiguous()
-        d_sae = W_enc.shape[1]
         # Σ_b G[b, m]: the b_enc gradient, and (through −W_enc) the encoder's share of b_dec's.
-        per_latent = torch.zeros(d_sae, dtype=grad_values.dtype, device=grad_values.device)
-        per_latent.index_add_(0, cols, grad_values)
+        per_latent = torch.zeros(pattern.n_cols, dtype=grad_values.dtype, device=grad_values.device)
+        per_latent.index_add_(0, pattern.cols, grad_values)
         grad_W_enc = grad_x = None
         if ctx.needs_input_grad[2]:
-            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-            transposed = _column_pattern(rows, cols, grad_values, centered.shape[0], d_sae)
-            grad_W_enc = (transposed @ centered).T  # [d_in, d_sae], column-major
+            grad_W_enc = (pattern.transposed(grad_values) @ centered).T  # [d_in, d_sae], column-major
         if ctx.needs_input_grad[0]:
-            grad_x = _csr(crow, cols, grad_values, d_sae) @ W_enc.T
+            grad_x = pattern.csr(grad_values) @ W_enc.T
         grad_b_dec = -(W_enc @ per_latent) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_dec, grad_W_enc, per_latent, None, None
+        return grad_x, grad_b_dec, grad_W_enc, per_latent, None
 
 
-def gathered_pre_acts_csr(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, crow: Tensor, cols: Tensor) -> Tensor:
-    """``((x − b_dec) W_enc + b_enc)[row, col]`` at the entries of a CSR pattern (row ``b`` owns
-    entries crow[b]..crow[b+1]), flat [nnz], computed and differentiated sparsely. For codes
-    whose rows keep different numbers of latents (BatchTopK), with no padding computed."""
-    if cols.device.type != "cpu":
+class _SparseDecode(torch.autograd.Function):
+    """Σ_j values_j · W_dec[latent_j] per row of a ``SparsePattern``, without the bias. The
+    backward is two products over the pattern: ∂values = the sampled product of the output
+    gradient with W_decᵀ at the entries (SDDMM), ∂W_dec = (transposed code)·(output
+    gradient). embedding_bag's own backward sorted the indices again and scattered one
+    row per entry, ~3× slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(values, W_dec)
+        ctx.pattern = pattern
+        return torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.crow[:-1], per_sample_weights=values,
+                                                 mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, W_dec = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_out = grad_out.contiguous()
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = torch.sparse.sampled_addmm(pattern.csr(values.new_zeros(values.numel())), grad_out, W_dec.T,
+                                                     beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            grad_W_dec = pattern.transposed(values) @ grad_out
+        return grad_values, grad_W_dec, None
+
+
+def sparse_decode(values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+    """[rows, d_in]: row b's Σ values[e]·W_dec[cols[e]] over its entries e (flat, in pattern
+    order), differentiated sparsely (no bias added)."""
+    if values.device.type != "cpu":  # measured on CPU only; elsewhere embedding_bag's own backward
+        return torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.crow[:-1], per_sample_weights=values,
+                                                 mode="sum")
+    return _SparseDecode.apply(values, W_dec, pattern)
+
+
+def gathered_pre_acts_csr(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pattern: SparsePattern) -> Tensor:
+    """``((x − b_dec) W_enc + b_enc)[row, col]`` at the entries of a ``SparsePattern``, flat
+    [nnz], computed and differentiated sparsely. For codes whose rows keep different numbers
+    of latents (BatchTopK), with no padding computed."""
+    if pattern.cols.device.type != "cpu":
         # Measured on CPU only; elsewhere the plain dense form (same values and gradients).
-        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-        return ((x - b_dec) @ W_enc + b_enc)[rows, cols]
-    return _GatheredPreActs.apply(x, b_dec, W_enc, b_enc, crow, cols)
+        return ((x - b_dec) @ W_enc + b_enc)[pattern.rows(), pattern.cols]
+    return _GatheredPreActs.apply(x, b_dec, W_enc, b_enc, pattern)
 
 
-def gathered_pre_acts(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor) -> Tensor:
-    """``((x − b_dec) W_enc + b_enc).gather(1, indices)`` computed and differentiated sparsely."""
+def gathered_pre_acts(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor,
+                      pattern: SparsePattern | None = None) -> Tensor:
+    """``((x − b_dec) W_enc + b_enc).gather(1, indices)`` computed and differentiated sparsely
+    (``pattern``: the indices' pattern, when the caller shares it with a decode)."""
     if indices.device.type != "cpu":
         return ((x - b_dec) @ W_enc + b_enc).gather(1, indices)
-    rows, k = indices.shape
-    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
-    return gathered_pre_acts_csr(x, b_dec, W_enc, b_enc, crow, indices.reshape(-1)).view(rows, k)
+    pattern = pattern or SparsePattern.fixed_width(indices, W_enc.shape[1])
+    return gathered_pre_acts_csr(x, b_dec, W_enc, b_enc, pattern).view(indices.shape)
 
 
 def fast_bf16_matmul(device: torch.device) -> bool:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import collective_view, rank_and_world
-from ..sae import SparseAutoencoder, SparseCode
-from ..sae.sparse_ops import gathered_pre_acts
+from ..sae import SparseAutoencoder
+from ..sae.sparse_ops import SparsePattern, gathered_pre_acts, sparse_decode
 from .config import TrainConfig
 from .zipf import under_used
 
@@ -120,8 +120,9 @@ class SAETrainer:
             best = pre_acts[:, dead].topk(min(self.aux_k, dead.numel()), dim=-1, sorted=False).indices
         indices = dead[best]
         sae = self.sae
-        code = SparseCode(gathered_pre_acts(x, sae.input_bias, sae.W_enc, sae.b_enc, indices).relu(), indices)
-        residual_hat = self.sae.decode_sparse(code) - self.sae.b_dec
+        pattern = SparsePattern.fixed_width(indices, sae.cfg.d_sae)
+        values = gathered_pre_acts(x, sae.input_bias, sae.W_enc, sae.b_enc, indices, pattern).relu()
+        residual_hat = sparse_decode(values.view(-1), sae.W_dec, pattern)
         return (residual_hat - residual).pow(2).sum(-1).mean()
 
     def aux_latents(self) -> Tensor:
@@ -170,7 +171,7 @@ class SAETrainer:
         target = x if y is None else y
         # Normalise by the batch's total variance, so the loss is an FVU and the lr does not
         # depend on the activations' scale.
-        variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        variance = (torch.linalg.vector_norm(target - target.mean(0)).square() / target.shape[0]).clamp_min(1e-12)
         recon = sae.reconstruction_loss(target, result) / variance if objective is None else objective(x, result.x_hat)
         aux = self.aux_loss(x, target, result.x_hat, result.pre_acts) / variance if sae.uses_aux_k else x.new_zeros(())
         penalty = sae.sparsity_loss(x, result, variance.sqrt(), self.progress())
@@ -215,7 +216,7 @@ class SAETrainer:
             self.tokens_since_fired[fires > 0] = 0
             rate = min(1.0, x.shape[0] * world / self.dead_tokens)
             self.density.mul_(1 - rate).add_(fires.float() / (x.shape[0] * world), alpha=rate)
-            fvu = float((result.x_hat - target).pow(2).sum(-1).mean() / variance)
+            fvu = float(torch.linalg.vector_norm(result.x_hat - target).square() / target.shape[0] / variance)
             l0 = float((result.code.values > 0).sum(-1).float().mean())
         self.step_count += 1
         self.tokens_seen += x.shape[0] * world
