@@ -281,7 +281,8 @@ def run_size(d_in: int, d_sae: int, tokens: int, generator: str, folder: Path, w
 
     key = dict(d_in=d_in, d_sae=d_sae, tokens=tokens, generator=generator)
     rows = [r for r in done if all(r.get(k) == v for k, v in key.items()) and r["library"] in workers]
-    todo = [w for w in workers if w not in {r["library"] for r in rows}]
+    # SAELens last: it is the slowest by far, so a run stopped early has the closest comparisons.
+    todo = sorted((w for w in workers if w not in {r["library"] for r in rows}), key=lambda w: w.startswith("sae_lens"))
     if not todo:
         return rows
     path = folder / f"data-{d_in}-{d_sae}-{generator}.pt"
