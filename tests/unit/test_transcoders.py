@@ -7,9 +7,11 @@ prediction from the MLP's input, exactly as a hand-written hook does.
 """
 
 import itertools
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import workbench as wb
 from tests.helpers.streams import Interrupt, interrupted
@@ -208,3 +210,46 @@ def test_sae_lens_transcoder_export_predicts_what_ours_does(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(theirs(x), sae(x).x_hat, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+def test_a_sae_lens_transcoder_opens_as_the_same_transcoder(arch, tmp_path):
+    """A SAELens transcoder folder (here: ours exported) opens as a transcoder with its output
+    hook, predicting what SAELens' own object predicts; a skip transcoder and one without an
+    output hook are refused with what to do."""
+    from sae_lens import SAE
+
+    from workbench.sae.interop import export_sae_lens
+
+    torch.manual_seed(1)
+    sae = wb.sae.create(arch, d_in=32, d_sae=64, k=4, hook_name=SOURCE, target_hook=TARGET)
+    with torch.no_grad():
+        sae.input_centre.copy_(torch.randn(32) * 0.3)
+        sae.b_dec.copy_(torch.randn(32))
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)  # rows not unit-norm: opening folds the norms where it must
+        if arch == "jumprelu":
+            sae.theta.copy_(torch.rand(64) * 0.5)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.05)
+    folder = export_sae_lens(sae.eval(), tmp_path / "tc")
+    theirs = SAE.load_from_disk(str(folder), device="cpu")
+    opened = load(folder)
+    assert opened.is_transcoder and opened.cfg.target_hook == TARGET and opened.cfg.hook_name == SOURCE
+    assert opened.architecture == arch
+    x, _ = next(_pairs(128, 128, seed=7))
+    with torch.no_grad():
+        assert (sae.encode(x) > 0).float().mean(-1).mean() > 0.05  # some latents fire: the comparison means something
+        torch.testing.assert_close(opened(x).x_hat, theirs(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(opened(x).x_hat, sae(x).x_hat, atol=1e-5, rtol=1e-5)
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["metadata"]["hook_name_out"]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="hook_name_out"):
+        load(folder)
+    cfg["architecture"] = "skip_transcoder" if arch == "relu" else "jumprelu_skip_transcoder"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file({**load_file(str(folder / "sae_weights.safetensors")), "W_skip": torch.zeros(32, 32)},
+              str(folder / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match="W_skip"):
+        load(folder)

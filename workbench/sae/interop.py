@@ -36,7 +36,11 @@ linear and carrying it in our config where it is per input:
 Their architectures open as: ``topk`` → topk; ``standard`` → relu; ``jumprelu`` with one
 threshold shared by every latent (how BatchTopK SAEs are exported) → batchtopk, with
 per-latent thresholds → jumprelu (decoder norms folded in, thresholds scaled with them, so
-the rows are unit-norm as our JumpReLU trainer keeps them).
+the rows are unit-norm as our JumpReLU trainer keeps them). Transcoders open the same way
+with ``target_hook`` = metadata.hook_name_out and input_centre 0 (SAELens' transcoder reads
+x uncentred): ``transcoder`` → relu, ``jumprelu_transcoder`` → jumprelu or batchtopk. Skip
+transcoders (x·W_skipᵀ added) and transcoders whose output is wider or narrower than the
+input are refused.
 """
 
 from __future__ import annotations
@@ -52,13 +56,15 @@ SCALER_FILE = "activation_scaler.json"  # sae_lens.constants.ACTIVATION_SCALER_C
 
 TOPK_LIKE = ("topk", "hierarchical", "gradient")
 THRESHOLD_LIKE = ("batchtopk", "matryoshka", "featurechoice", "jumprelu")  # one θ, or one per latent
-SUPPORTED = ("topk", "jumprelu", "standard")  # SAELens architectures that open as one of ours
+SUPPORTED = ("topk", "jumprelu", "standard", "transcoder", "jumprelu_transcoder")  # SAELens architectures we open
+TRANSCODERS = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu"}  # → the SAE form of the same rule
 
 
 def _metadata(sae: SparseAutoencoder):
     from sae_lens.saes.sae import SAEMetadata
 
-    return SAEMetadata(hook_name=sae.cfg.hook_name or None, model_name=sae.cfg.model_name or None)
+    out = {"hook_name_out": sae.cfg.target_hook} if sae.is_transcoder else {}  # the field SAELens' loaders set
+    return SAEMetadata(hook_name=sae.cfg.hook_name or None, model_name=sae.cfg.model_name or None, **out)
 
 
 def to_sae_lens(sae: SparseAutoencoder):
@@ -121,7 +127,8 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     """Open a SAELens SAE folder as one of ours: ``topk`` as TopK, ``standard`` as ReLU,
     ``jumprelu`` with per-latent thresholds as JumpReLU and with a single threshold as
     BatchTopK (its inference form; the training k is not recorded there, so k is set to 1,
-    which matters only if training continues); other SAELens architectures are refused.
+    which matters only if training continues); ``transcoder`` and ``jumprelu_transcoder`` as
+    the same rules' transcoders; other SAELens architectures are refused.
     Encodings and reconstructions equal SAELens' own (see the table above for how each
     config field is carried)."""
     import sae_lens
@@ -141,8 +148,11 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
                          f"({type(err).__name__}: {err}).{known}") from err
     cfg, arch = theirs.cfg, theirs.cfg.architecture()
     if arch not in SUPPORTED:
-        raise ValueError(f"{folder}: SAELens architecture {arch!r} has no workbench equivalent (workbench opens "
+        skip = " (a skip transcoder adds x·W_skipᵀ, which workbench transcoders do not have)" if "skip" in arch else ""
+        raise ValueError(f"{folder}: SAELens architecture {arch!r} has no workbench equivalent{skip} (workbench opens "
                          f"{SUPPORTED}); use it through sae_lens directly")
+    transcoder = _transcoder_fields(folder, theirs) if arch in TRANSCODERS else {}
+    arch = TRANSCODERS.get(arch, arch)
     shared_threshold = arch == "jumprelu" and torch.unique(theirs.threshold).numel() == 1
     meta = cfg.metadata
     if getattr(meta, "hook_head_index", None) is not None:
@@ -160,7 +170,7 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
         if cfg.normalize_activations in ("expected_average_only_in", "covariance_whitening"):
             _fold_dataset_normalization(theirs, folder)  # SAELens' own folds; they reset the field to "none"
     info = dict(hook_name=getattr(meta, "hook_name", None) or "", model_name=getattr(meta, "model_name", None) or "",
-                normalize_activations=cfg.normalize_activations, reshape_activations=cfg.reshape_activations)
+                normalize_activations=cfg.normalize_activations, reshape_activations=cfg.reshape_activations, **transcoder)
     if arch == "topk":
         ours = create("topk", cfg.d_in, cfg.d_sae, cfg.k, **info)
     elif arch == "standard":
@@ -178,10 +188,31 @@ def load_sae_lens(folder: str | Path) -> SparseAutoencoder:
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             getattr(ours, name).copy_(getattr(theirs, name).float())
-        if not cfg.apply_b_dec_to_input:
+        if not cfg.apply_b_dec_to_input and not transcoder:
             # SAELens: pre = x W_enc + b_enc; ours subtracts b_dec first, so add it back in b_enc.
+            # (A transcoder subtracts its input_centre, which stays 0: pre = x W_enc + b_enc as theirs.)
             ours.b_enc += ours.b_dec @ ours.W_enc
     return ours.eval()
+
+
+def _transcoder_fields(folder: Path, theirs) -> dict:
+    """The config of a SAELens transcoder opened as ours: its output hook (SAELens keeps it in
+    metadata.hook_name_out), checked to be one that ours can predict (the input's width)."""
+    cfg = theirs.cfg
+    if cfg.d_out != cfg.d_in:
+        raise ValueError(f"{folder}: this transcoder maps d_in={cfg.d_in} to d_out={cfg.d_out}; workbench transcoders "
+                         "predict an output of the input's width (an MLP's output from its input). Use it through "
+                         "sae_lens directly")
+    hook_in = getattr(cfg.metadata, "hook_name", None) or ""
+    hook_out = getattr(cfg.metadata, "hook_name_out", None) or ""
+    if not hook_out or hook_out == hook_in:
+        raise ValueError(f"{folder}: a transcoder, but its cfg.json names no output hook (metadata.hook_name_out): "
+                         "without it workbench cannot tell which activations it predicts. Add "
+                         "\"hook_name_out\" (e.g. \"blocks.0.hook_mlp_out\") to the metadata in cfg.json")
+    if cfg.normalize_activations in ("layer_norm", "constant_norm_rescale"):  # per input; dataset-level ones fold
+        raise ValueError(f"{folder}: a transcoder with normalize_activations={cfg.normalize_activations!r}; workbench "
+                         "transcoders read their input as it is. Use it through sae_lens directly")
+    return {"target_hook": hook_out}
 
 
 def _raw_cfg(folder: Path) -> dict:
