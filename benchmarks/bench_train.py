@@ -72,6 +72,8 @@ PENALTY = ("workbench-relu", "workbench-jumprelu", "sae_lens-relu", "sae_lens-ju
 RELU_L1 = 0.1
 JUMPRELU = dict(target_l0=float(K), target_l0_coefficient=1e-2)
 WORKERS = LIBRARIES + SHARED + FAMILY + PENALTY
+# Batches of the interleaved step-time check (``interleaved``) per d_sae, on data A.
+INTERLEAVED_STEPS = {256: 8, 2048: 40, 16384: 12}
 
 
 def prefixes(d_sae: int) -> list[int]:
@@ -121,7 +123,8 @@ def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: 
     return lambda rows: sae.decode_sparse(sae.select(sae.pre_acts(rows)))
 
 
-def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk", lr: float = 3e-4):
+def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk", lr: float = 3e-4, data=None):
+    """``data``: the batches SAELens's trainer draws (default: x's, in order)."""
     import sae_lens
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -148,7 +151,7 @@ def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk", lr:
     # LanguageModelSAERunnerConfig's defaults (lr 3e-4 constant; lr_end is only read by cosine schedules).
     cfg = SAETrainerConfig(total_training_samples=x.shape[0], train_batch_size_samples=BATCH, device="cpu",
                            lr=lr, lr_end=lr / 10, logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(cfg, sae, data_provider=_batches(x))
+    trainer = SAETrainer(cfg, sae, data_provider=_batches(x) if data is None else data)
     trainer.fit()
     sae.eval()
     _LAST["decoder"] = sae.W_dec
@@ -157,12 +160,13 @@ def _train_sae_lens(x: torch.Tensor, d_sae: int, architecture: str = "topk", lr:
     return lambda rows: sae(rows)
 
 
-def _train_sparsify(x: torch.Tensor, d_sae: int, adam_lr: float | None = None):
+def _sparsify_stepper(d_in: int, d_sae: int, adam_lr: float | None = None):
+    """A sparsify SparseCoder, its optimiser, and ``step(batch)``: one step as its Trainer takes it."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=K), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=K), device="cpu", dtype=torch.float32)
     if adam_lr is None:
         # sparsify's Trainer defaults: signum + schedule-free, lr 5e-3/√(d_sae/2¹⁴), no AuxK.
         optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (d_sae / 2**14) ** 0.5)]),
@@ -170,19 +174,66 @@ def _train_sparsify(x: torch.Tensor, d_sae: int, adam_lr: float | None = None):
         optimizer.train()
     else:  # its Trainer's "adam" option, at a constant lr
         optimizer = torch.optim.Adam(sae.parameters(), lr=adam_lr)
-    for step, batch in enumerate(_batches(x)):
-        if step == 0:
+    started = []
+
+    def step(batch: torch.Tensor) -> None:
+        if not started:
             sae.b_dec.data = batch.mean(0)
+            started.append(True)
         sae.set_decoder_norm_to_unit_norm()
         out = sae(batch)
         out.fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
         optimizer.zero_grad()
+
+    return sae, optimizer, step
+
+
+def _train_sparsify(x: torch.Tensor, d_sae: int, adam_lr: float | None = None):
+    sae, optimizer, step = _sparsify_stepper(x.shape[1], d_sae, adam_lr)
+    for batch in _batches(x):
+        step(batch)
     if adam_lr is None:
         optimizer.eval()  # schedule-free: evaluate at the averaged weights, as sparsify saves them
     _LAST["decoder"] = sae.W_dec
     return lambda rows: sae(rows).sae_out
+
+
+def interleaved(data_path: str, d_sae: int, steps: int) -> dict:
+    """Step times of our ``train_sae`` and both sparsify settings taken in turn on each batch,
+    in one process: a drift in the machine's speed (other tenants of a shared host) slows
+    all three alike, where sequential worker runs minutes apart can differ by it. Our time
+    per step is the time between two batches drawn by train_sae (its whole loop); the
+    first three steps are left out as warm-up. Ratios are medians of per-batch ratios."""
+    from workbench.trainer import TrainConfig, train_sae
+
+    torch.manual_seed(0)
+    x = torch.load(data_path)["train"][: steps * BATCH]
+    others = {"sparsify": _sparsify_stepper(x.shape[1], d_sae)[2],
+              "sparsify-shared_lr": _sparsify_stepper(x.shape[1], d_sae, SHARED_LR)[2]}
+    times: dict[str, list[float]] = {"workbench": [], **{name: [] for name in others}}
+
+    def stream():
+        drawn = None
+        for batch in _batches(x):
+            if drawn is not None:
+                times["workbench"].append(time.perf_counter() - drawn)
+            for name, step in others.items():
+                started = time.perf_counter()
+                step(batch)
+                times[name].append(time.perf_counter() - started)
+            drawn = time.perf_counter()
+            yield batch
+
+    cfg = TrainConfig(d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0], device="cpu")
+    train_sae(cfg, stream(), progress=False)
+    n = len(times["workbench"])  # the last batch's step has no next draw to end it
+    times = {name: t[3:n] for name, t in times.items()}
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    return {"library": "interleaved", "steps": len(times["workbench"]),
+            "step_ms": {name: 1000 * median(t) for name, t in times.items()},
+            "speedup": {name: median([o / w for o, w in zip(times[name], times["workbench"])]) for name in others}}
 
 
 def worker(library: str, data_path: str, d_sae: int) -> dict:
@@ -307,6 +358,74 @@ def run_size(d_in: int, d_sae: int, tokens: int, generator: str, folder: Path, w
 
 
 
+def interleaved_penalty(data_path: str, d_sae: int, architecture: str) -> dict:
+    """Whole training runs of our ReLU-L1 or JumpReLU SAE and SAELens's same architecture,
+    taken a step of each in turn on the same batches in one process (as ``interleaved``):
+    SAELens's trainer draws each batch, and before handing it over the stream steps our
+    trainer on it. The whole run, not a few steps: the cost of a penalty SAE's step falls as
+    its L0 does. Our time per step is ``SAETrainer.step``'s (what ``train_sae`` calls per
+    batch), SAELens's the time between two of its draws (its whole loop)."""
+    from workbench.trainer import TrainConfig
+    from workbench.trainer.loop import new_trainer
+
+    torch.manual_seed(0)
+    x = torch.load(data_path)["train"]
+    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
+                      device="cpu", sae_kwargs=_sae_kwargs(architecture, d_sae))
+    ours = new_trainer(cfg, x[:BATCH], x[:BATCH], torch.device("cpu"))
+    times: dict[str, list[float]] = {"workbench": [], "sae_lens": []}
+
+    def stream():
+        drawn = None
+        for batch in _batches(x):
+            started = time.perf_counter()
+            if drawn is not None:
+                times["sae_lens"].append(started - drawn)
+            ours.step(batch)
+            times["workbench"].append(time.perf_counter() - started)
+            drawn = time.perf_counter()
+            yield batch
+
+    _train_sae_lens(x, d_sae, architecture, data=stream())
+    n = len(times["sae_lens"])  # SAELens's last step has no next draw to end it
+    total = {name: sum(t[:n]) for name, t in times.items()}
+    return {"library": f"interleaved-{architecture}", "steps": n,
+            "tokens_per_s": {name: n * BATCH / seconds for name, seconds in total.items()},
+            "speedup": total["sae_lens"] / total["workbench"]}
+
+
+def run_interleaved(d_in: int, d_sae: int, tokens: int, folder: Path, record: Path | None, kind: str = "topk") -> dict:
+    """``interleaved`` (kind "topk") or ``interleaved_penalty`` (kind "relu" or "jumprelu") at
+    one size on data A, in its own process; appended to ``record``."""
+    path = folder / f"data-{d_in}-{d_sae}-{tokens}-A.pt"
+    if not path.exists():
+        make_data(d_in, d_sae, tokens, "A", path)
+    process = subprocess.run([sys.executable, __file__, "--interleaved-worker", kind, "--data", str(path),
+                              "--d-sae", str(d_sae)], capture_output=True, text=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"the interleaved step check failed at d_in={d_in}, d_sae={d_sae}:\n{process.stderr[-3000:]}")
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    result.update(d_in=d_in, d_sae=d_sae, tokens=tokens, generator="A", commit=commit())
+    print(json.dumps(result), flush=True)
+    if record is not None:
+        append_record(record, result)
+    return result
+
+
+def interleaved_report(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [[r["d_in"], r["d_sae"], r["steps"], *(f"{r['step_ms'][n]:,.0f}" for n in ("workbench", "sparsify",
+             "sparsify-shared_lr")), f"{r['speedup']['sparsify']:.2f}", f"{r['speedup']['sparsify-shared_lr']:.2f}",
+              r["commit"]] for r in sorted(rows, key=lambda r: (r["d_in"], r["d_sae"]))]
+    return ["", "Step times taken in turn on the same batches in one process (`--interleaved`; data A, used for the verdicts on both data sets), so that a "
+            "change in the machine's speed during the runs above, which take minutes each, cannot favour either "
+            "library: our time per step is the whole `train_sae` loop's; medians after three warm-up steps, and the "
+            "speed-ups are medians of per-batch ratios.", "",
+            table(["d_in", "d_sae", "steps", "workbench ms", "sparsify ms (defaults)", "sparsify ms (Adam)",
+                   "× sparsify (defaults)", "× sparsify (Adam)", "commit"], lines)]
+
+
 def _setting(library: str, d_sae: int) -> str:
     from workbench.trainer import default_lr
 
@@ -334,6 +453,8 @@ def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str
     lines, targets = [], []
     family = [r for r in results if r["library"] in FAMILY]
     penalty = [r for r in results if r["library"] in PENALTY]
+    steps = [r for r in results if r["library"] == "interleaved"]
+    penalty_steps = [r for r in results if r["library"].startswith("interleaved-")]
     results = [r for r in results if r["library"] in LIBRARIES + SHARED]
     for size in sorted({(r["d_in"], r["d_sae"], r["generator"]) for r in results}):
         group = [r for r in results if (r["d_in"], r["d_sae"], r["generator"]) == size]
@@ -347,12 +468,17 @@ def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str
         ours = next((r for r in group if r["library"] == "workbench"), None)
         if ours and others:
             best = min(others, key=lambda r: r["fvu"])
+            # The interleaved step check, where it measured that run: unlike the runs above, a
+            # change in the machine's speed between runs cannot enter it, so the verdict uses it.
+            check = next((r for r in steps if (r["d_in"], r["d_sae"]) == size[:2]), None)
+            interleaved_speedup = (check or {}).get("speedup", {}).get(best["library"])
+            speedup = interleaved_speedup or ours["tokens_per_s"] / best["tokens_per_s"]
             targets.append([size[0], size[1], size[2], f"{ours['fvu']:.4f}", f"{best['library'].split('-')[0]}, "
                             f"{_setting(best['library'], best['d_sae'])}", f"{best['fvu']:.4f}",
                             f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}",
+                            "—" if interleaved_speedup is None else f"{interleaved_speedup:.2f}",
                             "open: runs missing" if any(m[1:] == size for m in missing)
-                            else "yes" if ours["fvu"] <= best["fvu"] and ours["tokens_per_s"] >= 2 * best["tokens_per_s"]
-                            else "no"])
+                            else "yes" if ours["fvu"] <= best["fvu"] and speedup >= 2 else "no"])
     tokens = ", ".join(f"{d}/{m}: {t:,} tokens" for d, m, t in sorted({(r['d_in'], r['d_sae'], r['tokens']) for r in results}))
     commits = sorted({r["commit"] for r in results + family + penalty})
     generators = "; ".join(f"{name}: {v['features_per_latent']}× d_sae true features, frequency exponent {v['exponent']}, "
@@ -374,12 +500,15 @@ def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str
         table(header, lines),
         "",
         "The target: our defaults at an FVU equal to or better than the best other run (either library, either "
-        "optimiser setting) on the same data, at ≥ 2× that run's tokens/s.",
+        "optimiser setting) on the same data, at ≥ 2× that run's speed: the interleaved step check's speed-up "
+        "where it measured that run (below), else the ratio of the runs' tokens/s.",
         "",
-        table(["d_in", "d_sae", "data", "our FVU", "best other run", "its FVU", "our tokens/s ÷ its", "met"], targets),
+        table(["d_in", "d_sae", "data", "our FVU", "best other run", "its FVU", "our tokens/s ÷ its",
+               "interleaved speed-up", "met"], targets),
         *(["", "Not run yet: " + ", ".join(f"{w} at {d}/{m} data {g}" for w, d, m, g in missing) + "."] if missing else []),
+        *interleaved_report(steps),
         *family_report(family, [r for r in results if r["generator"] == "A"]),
-        *penalty_report(penalty, [r for r in results if r["generator"] == "A"]),
+        *penalty_report(penalty, [r for r in results if r["generator"] == "A"], penalty_steps),
     ])
 
 
@@ -394,7 +523,7 @@ def _partner(rows: list[dict], library: str, architecture: str) -> dict | None:
     return next((o for o in rows if o["library"] == name), None)
 
 
-def penalty_report(penalty: list[dict], topk: list[dict]) -> list[str]:
+def penalty_report(penalty: list[dict], topk: list[dict], checks: list[dict] = ()) -> list[str]:
     """ReLU-L1 and JumpReLU, each library's against the other's same architecture and our TopK."""
     if not penalty:
         return []
@@ -412,7 +541,19 @@ def penalty_report(penalty: list[dict], topk: list[dict]) -> list[str]:
             "(Gemma Scope 2), bandwidth and initial θ 0.001 of the data's scale. Each library with its own optimiser "
             "defaults. Held-out L0 and FVU with each SAE's inference rule.", "",
             table(["d_in", "d_sae", "library", "architecture", "tokens/s", "× other library", "× our TopK", "peak MiB",
-                   "held-out L0", "held-out FVU"], lines)]
+                   "held-out L0", "held-out FVU"], lines), *_penalty_checks(checks)]
+
+
+def _penalty_checks(checks) -> list[str]:
+    if not checks:
+        return []
+    lines = [[r["d_in"], r["d_sae"], r["library"].split("-")[1], r["steps"], f"{r['tokens_per_s']['workbench']:,.0f}",
+              f"{r['tokens_per_s']['sae_lens']:,.0f}", f"{r['speedup']:.2f}", r["commit"]] for r in checks]
+    return ["", "The same two trainings again, a step of each in turn on the same batches in one process "
+            "(`--interleaved`), so that a change in the machine's speed between the runs above cannot favour either "
+            "library: tokens/s over the whole run.", "",
+            table(["d_in", "d_sae", "architecture", "steps", "workbench tokens/s", "SAELens tokens/s",
+                   "workbench ÷ SAELens", "commit"], lines)]
 
 
 def family_report(family: list[dict], topk: list[dict]) -> list[str]:
@@ -443,14 +584,36 @@ def main() -> None:
                         "and each worker that finishes is appended (a stopped run loses one worker at most)")
     parser.add_argument("--partial", action="store_true", help="with --resume: write the section from the finished "
                         "workers alone, naming those not run yet; trains nothing")
+    parser.add_argument("--interleaved", action="store_true", help="only the interleaved step-time check at every "
+                        "size (appended to --resume's record, then the section is written from the record)")
+    parser.add_argument("--skip", nargs="+", choices=("sae_lens", "sparsify"), help="leave this library's workers "
+                        "out of this run (with --resume: run them later; the section names them as missing)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-worker", choices=("topk", "relu", "jumprelu"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.data, args.d_sae)))
         return
+    if args.interleaved_worker == "topk":
+        print(json.dumps(interleaved(args.data, args.d_sae, INTERLEAVED_STEPS[args.d_sae])))
+        return
+    if args.interleaved_worker:
+        print(json.dumps(interleaved_penalty(args.data, args.d_sae, args.interleaved_worker)))
+        return
     sizes = QUICK_SIZES if args.quick else SIZES
+    if args.interleaved:
+        with tempfile.TemporaryDirectory() as folder:
+            for d_in, d_sae, tokens in sizes:
+                run_interleaved(d_in, d_sae, INTERLEAVED_STEPS[d_sae] * BATCH, Path(folder), args.resume)
+            d_in, d_sae, tokens = sizes[0]  # the penalty SAEs' size, whole runs
+            for kind in ("relu", "jumprelu"):
+                run_interleaved(d_in, d_sae, tokens, Path(folder), args.resume, kind)
+        if args.resume and not args.quick:
+            done = read_record(args.resume)
+            write_section("bench_train", report(done, missing_workers(done, SIZES)))
+        return
     if args.partial:
         if not (args.resume and args.resume.exists()):
             parser.error("--partial needs --resume FILE, the record of an earlier run")
@@ -466,8 +629,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for i, (d_in, d_sae, tokens) in enumerate(sizes):
             for generator in GENERATORS:
-                results += run_size(d_in, d_sae, tokens, generator, Path(folder), workers_for(d_sae, generator, family=i == 0),
+                workers = tuple(w for w in workers_for(d_sae, generator, family=i == 0)
+                                if not any(w.startswith(library) for library in args.skip or ()))
+                results += run_size(d_in, d_sae, tokens, generator, Path(folder), workers,
                                     done, args.resume)
+    results = read_record(args.resume) if args.resume else results  # with runs of other libraries (--skip)
     body = report(results, missing_workers(results, sizes))
     print(body)
     if not args.quick:

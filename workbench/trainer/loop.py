@@ -75,6 +75,22 @@ def _broadcast_from_rank_zero(sae) -> None:
                 torch.distributed.broadcast(collective_view(tensor.data), src=0)
 
 
+def new_trainer(cfg: TrainConfig, rows: torch.Tensor, targets: torch.Tensor, device) -> SAETrainer:
+    """A fresh SAE of ``cfg`` and its trainer, initialised from the first batch's finite
+    ``rows`` and ``targets`` (b_dec, a transcoder's input centre, the architecture's data
+    scale), as ``train_saes`` starts each SAE; its ``step(x)`` then trains on one batch."""
+    torch.manual_seed(cfg.seed)
+    sae = saes.create(cfg.architecture, rows.shape[1], cfg.d_sae, cfg.k, hook_name=cfg.hook_name,
+                      target_hook=cfg.target_hook, model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
+    if rows.shape[0]:
+        _init_centre(sae.b_dec, targets[: cfg.init_samples], cfg.b_dec_init)
+        if sae.is_transcoder:
+            _init_centre(sae.input_centre, rows[: cfg.init_samples], cfg.b_dec_init)
+        sae.prepare(rows[: cfg.init_samples], targets[: cfg.init_samples])
+    _broadcast_from_rank_zero(sae)
+    return SAETrainer(sae, cfg)
+
+
 def _init_centre(centre: torch.Tensor, rows: torch.Tensor, how: str) -> None:
     """b_dec (or a transcoder's input_centre) from the first rows: TrainConfig.b_dec_init."""
     with torch.no_grad():
@@ -143,22 +159,10 @@ def train_saes(configs: list[TrainConfig], data, run_dir: str | Path | None = No
     if targets_needed:
         _check_targets(x0, second, 0, targets_needed)
     y0 = second if targets_needed else x0  # what b_dec (the output's bias) starts from
-    d_in = x0.shape[1]
     finite = torch.isfinite(x0).all(1) & torch.isfinite(y0).all(1)  # NaN rows would make b_dec NaN (reported below)
     init_rows, init_targets = x0[finite], y0[finite]
 
-    trainers = []
-    for i, cfg in enumerate(configs):
-        torch.manual_seed(cfg.seed)
-        sae = saes.create(cfg.architecture, d_in, cfg.d_sae, cfg.k, hook_name=cfg.hook_name,
-                          target_hook=cfg.target_hook, model_name=cfg.model_name, **cfg.sae_kwargs).to(device)
-        if init_rows.shape[0]:
-            _init_centre(sae.b_dec, init_targets[: cfg.init_samples], cfg.b_dec_init)
-            if sae.is_transcoder:
-                _init_centre(sae.input_centre, init_rows[: cfg.init_samples], cfg.b_dec_init)
-            sae.prepare(init_rows[: cfg.init_samples], init_targets[: cfg.init_samples])
-        _broadcast_from_rank_zero(sae)
-        trainers.append(SAETrainer(sae, cfg))
+    trainers = [new_trainer(cfg, init_rows, init_targets, device) for cfg in configs]
     names = run.names if run else [f"{i}-{c.architecture}" for i, c in enumerate(configs)]
 
     total = lead.total_steps()
