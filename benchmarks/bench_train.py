@@ -495,7 +495,9 @@ def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str
         "against the true features. Where our default lr is the shared one (d_sae 16,384), one workbench run stands "
         "for both settings; `workbench-fp32` (no bf16 anywhere) only runs where bf16 selection is fast. Peak "
         "MiB: max RSS above the RSS with the data loaded. % of matmul ceiling: the encoder's 2·d_in·d_sae FLOPs per "
-        "token at this speed over the machine's best matmul in that dtype.",
+        "token at this speed over the machine's best matmul in that dtype, measured after each run (on a shared host "
+        "whose speed drifts, a run in a fast phase can read above 100%). Rows of different commits ran in different "
+        "sessions: their tokens/s are not comparable with each other; the interleaved checks below are.",
         "",
         table(header, lines),
         "",
