@@ -394,9 +394,36 @@ def interleaved_penalty(data_path: str, d_sae: int, architecture: str) -> dict:
             "speedup": total["sae_lens"] / total["workbench"]}
 
 
+def interleaved_family(data_path: str, d_sae: int, steps: int) -> dict:
+    """Our TopK, BatchTopK and Matryoshka stepped in turn on the same batches in one process
+    (``SAETrainer.step``, what ``train_sae`` calls per batch), as ``interleaved``: the
+    family's target is a ratio to our own TopK, which sequential runs minutes apart on a
+    drifting host cannot measure."""
+    from workbench.trainer import TrainConfig
+    from workbench.trainer.loop import new_trainer
+
+    x = torch.load(data_path)["train"][: steps * BATCH]
+    trainers = {architecture: new_trainer(TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH,
+                                                      total_tokens=x.shape[0], device="cpu",
+                                                      sae_kwargs=_sae_kwargs(architecture, d_sae)),
+                                          x[:BATCH], x[:BATCH], torch.device("cpu"))
+                for architecture in ("topk", "batchtopk", "matryoshka")}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for batch in _batches(x):
+        for name, trainer in trainers.items():
+            started = time.perf_counter()
+            trainer.step(batch)
+            times[name].append(time.perf_counter() - started)
+    times = {name: t[3:] for name, t in times.items()}
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    return {"library": "interleaved-family", "steps": len(times["topk"]),
+            "step_ms": {name: 1000 * median(t) for name, t in times.items()},
+            "of_topk": {name: median([a / b for a, b in zip(times["topk"], t)]) for name, t in times.items()}}
+
+
 def run_interleaved(d_in: int, d_sae: int, tokens: int, folder: Path, record: Path | None, kind: str = "topk") -> dict:
-    """``interleaved`` (kind "topk") or ``interleaved_penalty`` (kind "relu" or "jumprelu") at
-    one size on data A, in its own process; appended to ``record``."""
+    """``interleaved`` (kind "topk"), ``interleaved_family`` ("family") or ``interleaved_penalty``
+    ("relu" or "jumprelu") at one size on data A, in its own process; appended to ``record``."""
     path = folder / f"data-{d_in}-{d_sae}-{tokens}-A.pt"
     if not path.exists():
         make_data(d_in, d_sae, tokens, "A", path)
@@ -454,7 +481,8 @@ def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str
     family = [r for r in results if r["library"] in FAMILY]
     penalty = [r for r in results if r["library"] in PENALTY]
     steps = [r for r in results if r["library"] == "interleaved"]
-    penalty_steps = [r for r in results if r["library"].startswith("interleaved-")]
+    penalty_steps = [r for r in results if r["library"] in ("interleaved-relu", "interleaved-jumprelu")]
+    family_steps = [r for r in results if r["library"] == "interleaved-family"]
     results = [r for r in results if r["library"] in LIBRARIES + SHARED]
     for size in sorted({(r["d_in"], r["d_sae"], r["generator"]) for r in results}):
         group = [r for r in results if (r["d_in"], r["d_sae"], r["generator"]) == size]
@@ -509,7 +537,7 @@ def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str
                "interleaved speed-up", "met"], targets),
         *(["", "Not run yet: " + ", ".join(f"{w} at {d}/{m} data {g}" for w, d, m, g in missing) + "."] if missing else []),
         *interleaved_report(steps),
-        *family_report(family, [r for r in results if r["generator"] == "A"]),
+        *family_report(family, [r for r in results if r["generator"] == "A"], family_steps),
         *penalty_report(penalty, [r for r in results if r["generator"] == "A"], penalty_steps),
     ])
 
@@ -558,7 +586,7 @@ def _penalty_checks(checks) -> list[str]:
                    "workbench ÷ SAELens", "commit"], lines)]
 
 
-def family_report(family: list[dict], topk: list[dict]) -> list[str]:
+def family_report(family: list[dict], topk: list[dict], checks: list[dict] = ()) -> list[str]:
     """BatchTopK and Matryoshka, each library's against its own TopK and the other's same architecture."""
     if not family:
         return []
@@ -574,7 +602,19 @@ def family_report(family: list[dict], topk: list[dict]) -> list[str]:
             f"widths {prefixes(family[0]['d_sae'])}, level losses summed in both libraries). Held-out FVU with the batch "
             "rule on held-out batches of 4,096 rows for both (SAELens's training SAE has no other rule before export).",
             "", table(["d_in", "d_sae", "library", "architecture", "tokens/s", "× own TopK", "× other library",
-                       "peak MiB", "held-out FVU"], lines)]
+                       "peak MiB", "held-out FVU"], lines), *_family_checks(checks)]
+
+
+def _family_checks(checks) -> list[str]:
+    if not checks:
+        return []
+    lines = [[r["d_in"], r["d_sae"], r["steps"], *(f"{r['step_ms'][a]:,.0f}" for a in ("topk", "batchtopk", "matryoshka")),
+              f"{r['of_topk']['batchtopk']:.2f}", f"{r['of_topk']['matryoshka']:.2f}", r["commit"]] for r in checks]
+    return ["", "Our three stepped in turn on the same batches in one process (`--interleaved`; the target: each at "
+            "≥ 0.77× our TopK's speed, i.e. within 1.3× of its step time): medians after three warm-up steps, "
+            "speeds relative to TopK as medians of per-batch ratios.", "",
+            table(["d_in", "d_sae", "steps", "TopK ms", "BatchTopK ms", "Matryoshka ms", "BatchTopK × TopK",
+                   "Matryoshka × TopK", "commit"], lines)]
 
 
 def main() -> None:
@@ -591,7 +631,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="+", choices=("sae_lens", "sparsify"), help="leave this library's workers "
                         "out of this run (with --resume: run them later; the section names them as missing)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--interleaved-worker", choices=("topk", "relu", "jumprelu"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-worker", choices=("topk", "family", "relu", "jumprelu"), help=argparse.SUPPRESS)
+    parser.add_argument("--checks", nargs="+", choices=("topk", "family", "relu", "jumprelu"),
+                        default=["topk", "family", "relu", "jumprelu"], help="with --interleaved: which checks to run")
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -601,17 +643,24 @@ def main() -> None:
     if args.interleaved_worker == "topk":
         print(json.dumps(interleaved(args.data, args.d_sae, INTERLEAVED_STEPS[args.d_sae])))
         return
+    if args.interleaved_worker == "family":
+        print(json.dumps(interleaved_family(args.data, args.d_sae, INTERLEAVED_STEPS[args.d_sae])))
+        return
     if args.interleaved_worker:
         print(json.dumps(interleaved_penalty(args.data, args.d_sae, args.interleaved_worker)))
         return
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.interleaved:
         with tempfile.TemporaryDirectory() as folder:
-            for d_in, d_sae, tokens in sizes:
-                run_interleaved(d_in, d_sae, INTERLEAVED_STEPS[d_sae] * BATCH, Path(folder), args.resume)
-            d_in, d_sae, tokens = sizes[0]  # the penalty SAEs' size, whole runs
+            if "topk" in args.checks:
+                for d_in, d_sae, tokens in sizes:
+                    run_interleaved(d_in, d_sae, INTERLEAVED_STEPS[d_sae] * BATCH, Path(folder), args.resume)
+            d_in, d_sae, tokens = sizes[0]  # the family's and the penalty SAEs' size (the latter: whole runs)
+            if "family" in args.checks:
+                run_interleaved(d_in, d_sae, INTERLEAVED_STEPS[d_sae] * BATCH, Path(folder), args.resume, "family")
             for kind in ("relu", "jumprelu"):
-                run_interleaved(d_in, d_sae, tokens, Path(folder), args.resume, kind)
+                if kind in args.checks:
+                    run_interleaved(d_in, d_sae, tokens, Path(folder), args.resume, kind)
         if args.resume and not args.quick:
             done = read_record(args.resume)
             write_section("bench_train", report(done, missing_workers(done, SIZES)))
