@@ -200,6 +200,11 @@ def _train_sparsify(x: torch.Tensor, d_sae: int, adam_lr: float | None = None):
     return lambda rows: sae(rows).sae_out
 
 
+def _median(values: list[float]) -> float:
+    """The upper median: the interleaved checks' summary of per-step times and ratios."""
+    return sorted(values)[len(values) // 2]
+
+
 def interleaved(data_path: str, d_sae: int, steps: int) -> dict:
     """Step times of our ``train_sae`` and both sparsify settings taken in turn on each batch,
     in one process: a drift in the machine's speed (other tenants of a shared host) slows
@@ -230,10 +235,9 @@ def interleaved(data_path: str, d_sae: int, steps: int) -> dict:
     train_sae(cfg, stream(), progress=False)
     n = len(times["workbench"])  # the last batch's step has no next draw to end it
     times = {name: t[3:n] for name, t in times.items()}
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     return {"library": "interleaved", "steps": len(times["workbench"]),
-            "step_ms": {name: 1000 * median(t) for name, t in times.items()},
-            "speedup": {name: median([o / w for o, w in zip(times[name], times["workbench"])]) for name in others}}
+            "step_ms": {name: 1000 * _median(t) for name, t in times.items()},
+            "speedup": {name: _median([o / w for o, w in zip(times[name], times["workbench"])]) for name in others}}
 
 
 def worker(library: str, data_path: str, d_sae: int) -> dict:
@@ -415,10 +419,9 @@ def interleaved_family(data_path: str, d_sae: int, steps: int) -> dict:
             trainer.step(batch)
             times[name].append(time.perf_counter() - started)
     times = {name: t[3:] for name, t in times.items()}
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     return {"library": "interleaved-family", "steps": len(times["topk"]),
-            "step_ms": {name: 1000 * median(t) for name, t in times.items()},
-            "of_topk": {name: median([a / b for a, b in zip(times["topk"], t)]) for name, t in times.items()}}
+            "step_ms": {name: 1000 * _median(t) for name, t in times.items()},
+            "of_topk": {name: _median([a / b for a, b in zip(times["topk"], t)]) for name, t in times.items()}}
 
 
 def run_interleaved(d_in: int, d_sae: int, tokens: int, folder: Path, record: Path | None, kind: str = "topk") -> dict:
