@@ -95,7 +95,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def reconstruction_loss(self, x: Tensor, result: ForwardResult) -> Tensor:
         levels = result.levels if result.levels is not None else self.group_sums(result.code)
-        losses = _NestedLosses.apply(levels, x - self.b_dec)  # [levels]
+        losses = _NestedLosses.apply(levels, x, self.b_dec)  # [levels]
         return losses.sum() if self.cfg.level_weighting == "sum" else losses.mean()
 
 
@@ -104,13 +104,15 @@ class _NestedLosses(torch.autograd.Function):
     d_in] and r = x − b_dec. Written out because autograd's cumsum over the levels (a strided
     scan, and flips in its backward) took a sixth of a Matryoshka step; here each level is
     one in-place pass, and the backward walks the levels in reverse, accumulating
-    ∂/∂g_j = −(2/B) Σ_{i≥j} w_i e_i from the last residual alone (e_{i−1} = e_i + g_i)."""
+    ∂/∂g_j = −(2/B) Σ_{i≥j} w_i e_i from the last residual alone (e_{i−1} = e_i + g_i).
+    b_dec is taken here, not as r, so its gradient is a sum over rows (∂/∂b_dec = −∂/∂r
+    summed) instead of a [batch, d_in] negation for autograd to reduce."""
 
     @staticmethod
-    def forward(ctx, groups: Tensor, centred: Tensor) -> Tensor:
+    def forward(ctx, groups: Tensor, x: Tensor, b_dec: Tensor) -> Tensor:
         levels, rows = groups.shape[:2]
-        residual = centred.clone()
-        losses = centred.new_empty(levels)
+        residual = x - b_dec
+        losses = x.new_empty(levels)
         for level in range(levels):
             residual.sub_(groups[level])
             losses[level] = torch.linalg.vector_norm(residual).square() / rows
@@ -128,4 +130,7 @@ class _NestedLosses(torch.autograd.Function):
         for level in range(levels - 2, -1, -1):
             residual.add_(groups[level + 1])
             torch.sub(grad_groups[level + 1], residual, alpha=weights[level], out=grad_groups[level])
-        return grad_groups, -grad_groups[0]
+        # ∂/∂r = −∂/∂g_0 (r enters every level with the opposite sign of g_0).
+        grad_x = -grad_groups[0] if ctx.needs_input_grad[1] else None
+        grad_b_dec = grad_groups[0].sum(0) if ctx.needs_input_grad[2] else None
+        return grad_groups, grad_x, grad_b_dec

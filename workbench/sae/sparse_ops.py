@@ -84,10 +84,19 @@ class SparsePattern:
             self._transpose = (crow, self.rows()[order], order)
         return self._transpose
 
-    def transposed(self, values: Tensor) -> Tensor:
-        """The transpose, [n_cols, rows] as CSR, of ``csr(values)``."""
+    def transposed_times(self, values: Tensor, dense: Tensor) -> Tensor:
+        """``csr(values)ᵀ @ dense`` ([n_cols, d]): each latent's Σ values[e]·dense[row of e]
+        over its entries, as an embedding_bag over the transpose (fbgemm's kernel, 1.4-2×
+        faster on CPU than MKL's CSR × dense product, which zero-fills and runs at under
+        1 GFLOP/s here)."""
         crow, rows, order = self.transpose()
-        return _csr(crow, rows, values[order], self.n_rows)
+        return torch.nn.functional.embedding_bag(rows, dense, crow[:-1], per_sample_weights=values[order], mode="sum")
+
+    def times(self, values: Tensor, dense: Tensor) -> Tensor:
+        """``csr(values) @ dense`` ([rows, d]) as an embedding_bag over the entries (as
+        ``transposed_times``); ``dense`` must be contiguous."""
+        return torch.nn.functional.embedding_bag(self.cols, dense, self.crow[:-1], per_sample_weights=values,
+                                                 mode="sum")
 
 
 class _GatheredPreActs(torch.autograd.Function):
@@ -112,9 +121,9 @@ class _GatheredPreActs(torch.autograd.Function):
         per_latent.index_add_(0, pattern.cols, grad_values)
         grad_W_enc = grad_x = None
         if ctx.needs_input_grad[2]:
-            grad_W_enc = (pattern.transposed(grad_values) @ centered).T  # [d_in, d_sae], column-major
+            grad_W_enc = pattern.transposed_times(grad_values, centered).T  # [d_in, d_sae], column-major
         if ctx.needs_input_grad[0]:
-            grad_x = pattern.csr(grad_values) @ W_enc.T
+            grad_x = pattern.times(grad_values, W_enc.T.contiguous())
         grad_b_dec = -(W_enc @ per_latent) if ctx.needs_input_grad[1] else None
         return grad_x, grad_b_dec, grad_W_enc, per_latent, None
 
@@ -130,8 +139,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        return torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.crow[:-1], per_sample_weights=values,
-                                                 mode="sum")
+        return pattern.times(values, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -143,7 +151,7 @@ class _SparseDecode(torch.autograd.Function):
             grad_values = torch.sparse.sampled_addmm(pattern.csr(values.new_zeros(values.numel())), grad_out, W_dec.T,
                                                      beta=0.0).values()
         if ctx.needs_input_grad[1]:
-            grad_W_dec = pattern.transposed(values) @ grad_out
+            grad_W_dec = pattern.transposed_times(values, grad_out)
         return grad_values, grad_W_dec, None
 
 
