@@ -48,7 +48,7 @@ from results import append_record, commit, machine, read_record, table, write_se
 K, BATCH = 32, 4096
 # (d_in, d_sae, training tokens): the two sizes the target names.
 SIZES = [(256, 2048, 1_048_576), (768, 16384, 262_144)]
-QUICK_SIZES = [(64, 256, 16_384)]
+QUICK_SIZES = [(64, 256, 32_768)]  # 8 batches: the interleaved checks leave 3 out as warm-up
 HELD_OUT = 16_384
 LIBRARIES = ("workbench", "workbench-fp32", "sae_lens", "sparsify")
 # The same three at one shared Adam lr: 2e-3, the lr at which sparsify with plain Adam beat
@@ -72,8 +72,6 @@ PENALTY = ("workbench-relu", "workbench-jumprelu", "sae_lens-relu", "sae_lens-ju
 RELU_L1 = 0.1
 JUMPRELU = dict(target_l0=float(K), target_l0_coefficient=1e-2)
 WORKERS = LIBRARIES + SHARED + FAMILY + PENALTY
-# Batches of the interleaved step-time check (``interleaved``) per d_sae, on data A.
-INTERLEAVED_STEPS = {256: 8, 2048: 40, 16384: 12}
 
 
 def prefixes(d_sae: int) -> list[int]:
@@ -205,16 +203,18 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def interleaved(data_path: str, d_sae: int, steps: int) -> dict:
+def interleaved(data_path: str, d_sae: int) -> dict:
     """Step times of our ``train_sae`` and both sparsify settings taken in turn on each batch,
     in one process: a drift in the machine's speed (other tenants of a shared host) slows
     all three alike, where sequential worker runs minutes apart can differ by it. Our time
     per step is the time between two batches drawn by train_sae (its whole loop); the
-    first three steps are left out as warm-up. Ratios are medians of per-batch ratios."""
+    first three steps are left out as warm-up. Ratios are medians of per-batch ratios. The
+    whole run (every batch of the data): a step's cost changes as training goes on (the
+    first steps ran at 1.41× sparsify's speed, the last at 1.68×, at 256/2,048)."""
     from workbench.trainer import TrainConfig, train_sae
 
     torch.manual_seed(0)
-    x = torch.load(data_path)["train"][: steps * BATCH]
+    x = torch.load(data_path)["train"]
     others = {"sparsify": _sparsify_stepper(x.shape[1], d_sae)[2],
               "sparsify-shared_lr": _sparsify_stepper(x.shape[1], d_sae, SHARED_LR)[2]}
     times: dict[str, list[float]] = {"workbench": [], **{name: [] for name in others}}
@@ -398,15 +398,15 @@ def interleaved_penalty(data_path: str, d_sae: int, architecture: str) -> dict:
             "speedup": total["sae_lens"] / total["workbench"]}
 
 
-def interleaved_family(data_path: str, d_sae: int, steps: int) -> dict:
+def interleaved_family(data_path: str, d_sae: int) -> dict:
     """Our TopK, BatchTopK and Matryoshka stepped in turn on the same batches in one process
     (``SAETrainer.step``, what ``train_sae`` calls per batch), as ``interleaved``: the
     family's target is a ratio to our own TopK, which sequential runs minutes apart on a
-    drifting host cannot measure."""
+    drifting host cannot measure. Whole runs, as ``interleaved``."""
     from workbench.trainer import TrainConfig
     from workbench.trainer.loop import new_trainer
 
-    x = torch.load(data_path)["train"][: steps * BATCH]
+    x = torch.load(data_path)["train"]
     trainers = {architecture: new_trainer(TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH,
                                                       total_tokens=x.shape[0], device="cpu",
                                                       sae_kwargs=_sae_kwargs(architecture, d_sae)),
@@ -450,8 +450,8 @@ def interleaved_report(rows: list[dict]) -> list[str]:
               r["commit"]] for r in sorted(rows, key=lambda r: (r["d_in"], r["d_sae"]))]
     return ["", "Step times taken in turn on the same batches in one process (`--interleaved`; data A, used for the verdicts on both data sets), so that a "
             "change in the machine's speed during the runs above, which take minutes each, cannot favour either "
-            "library: our time per step is the whole `train_sae` loop's; medians after three warm-up steps, and the "
-            "speed-ups are medians of per-batch ratios.", "",
+            "library: our time per step is the whole `train_sae` loop's, over the whole run of the size above; medians "
+            "after three warm-up steps, and the speed-ups are medians of per-batch ratios.", "",
             table(["d_in", "d_sae", "steps", "workbench ms", "sparsify ms (defaults)", "sparsify ms (Adam)",
                    "× sparsify (defaults)", "× sparsify (Adam)", "commit"], lines)]
 
@@ -477,15 +477,21 @@ def missing_workers(done: list[dict], sizes: list[tuple[int, int, int]]) -> list
     return missing
 
 
+def _latest(checks) -> list[dict]:
+    """The last interleaved check of each kind and size in the record (earlier ones were
+    taken at older commits, some over the first steps of a run only)."""
+    return list({(r["library"], r["d_in"], r["d_sae"]): r for r in checks}.values())
+
+
 def report(results: list[dict], missing: list[tuple[str, int, int, str]]) -> str:
     header = ["d_in", "d_sae", "data", "library", "optimiser", "encoder matmul", "tokens/s", "× fastest other default",
               "peak MiB", "held-out FVU", "MMCS", "% of matmul ceiling"]
     lines, targets = [], []
     family = [r for r in results if r["library"] in FAMILY]
     penalty = [r for r in results if r["library"] in PENALTY]
-    steps = [r for r in results if r["library"] == "interleaved"]
-    penalty_steps = [r for r in results if r["library"] in ("interleaved-relu", "interleaved-jumprelu")]
-    family_steps = [r for r in results if r["library"] == "interleaved-family"]
+    steps = _latest(r for r in results if r["library"] == "interleaved")
+    penalty_steps = _latest(r for r in results if r["library"] in ("interleaved-relu", "interleaved-jumprelu"))
+    family_steps = _latest(r for r in results if r["library"] == "interleaved-family")
     results = [r for r in results if r["library"] in LIBRARIES + SHARED]
     for size in sorted({(r["d_in"], r["d_sae"], r["generator"]) for r in results}):
         group = [r for r in results if (r["d_in"], r["d_sae"], r["generator"]) == size]
@@ -614,8 +620,8 @@ def _family_checks(checks) -> list[str]:
     lines = [[r["d_in"], r["d_sae"], r["steps"], *(f"{r['step_ms'][a]:,.0f}" for a in ("topk", "batchtopk", "matryoshka")),
               f"{r['of_topk']['batchtopk']:.2f}", f"{r['of_topk']['matryoshka']:.2f}", r["commit"]] for r in checks]
     return ["", "Our three stepped in turn on the same batches in one process (`--interleaved`; the target: each at "
-            "≥ 0.77× our TopK's speed, i.e. within 1.3× of its step time): medians after three warm-up steps, "
-            "speeds relative to TopK as medians of per-batch ratios.", "",
+            "≥ 0.77× our TopK's speed, i.e. within 1.3× of its step time), over the whole run of the size above: "
+            "medians after three warm-up steps, speeds relative to TopK as medians of per-batch ratios.", "",
             table(["d_in", "d_sae", "steps", "TopK ms", "BatchTopK ms", "Matryoshka ms", "BatchTopK × TopK",
                    "Matryoshka × TopK", "commit"], lines)]
 
@@ -644,10 +650,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.data, args.d_sae)))
         return
     if args.interleaved_worker == "topk":
-        print(json.dumps(interleaved(args.data, args.d_sae, INTERLEAVED_STEPS[args.d_sae])))
+        print(json.dumps(interleaved(args.data, args.d_sae)))
         return
     if args.interleaved_worker == "family":
-        print(json.dumps(interleaved_family(args.data, args.d_sae, INTERLEAVED_STEPS[args.d_sae])))
+        print(json.dumps(interleaved_family(args.data, args.d_sae)))
         return
     if args.interleaved_worker:
         print(json.dumps(interleaved_penalty(args.data, args.d_sae, args.interleaved_worker)))
@@ -657,10 +663,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             if "topk" in args.checks:
                 for d_in, d_sae, tokens in sizes:
-                    run_interleaved(d_in, d_sae, INTERLEAVED_STEPS[d_sae] * BATCH, Path(folder), args.resume)
-            d_in, d_sae, tokens = sizes[0]  # the family's and the penalty SAEs' size (the latter: whole runs)
+                    run_interleaved(d_in, d_sae, tokens, Path(folder), args.resume)
+            d_in, d_sae, tokens = sizes[0]  # the family's and the penalty SAEs' size
             if "family" in args.checks:
-                run_interleaved(d_in, d_sae, INTERLEAVED_STEPS[d_sae] * BATCH, Path(folder), args.resume, "family")
+                run_interleaved(d_in, d_sae, tokens, Path(folder), args.resume, "family")
             for kind in ("relu", "jumprelu"):
                 if kind in args.checks:
                     run_interleaved(d_in, d_sae, tokens, Path(folder), args.resume, kind)

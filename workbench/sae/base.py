@@ -224,6 +224,13 @@ class SparseAutoencoder(nn.Module):
         """Which latents fire and with what value. ``context`` carries e.g. gradients."""
         raise NotImplementedError
 
+    def select_entries(self, pre_acts: Float[Tensor, "batch d_sae"], **context) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A ragged code's training selection as its real entries (row, latent, value; rows
+        ascending), for architectures that find them without a padded code: the trainer's
+        forward then builds its sparse pattern from them directly, skipping a round trip
+        through ``select``'s [batch, widest row] padding. None (the default): use ``select``."""
+        return None
+
     def observe(self, code: SparseCode) -> None:
         """Called with each training batch's code (BatchTopK records its threshold here)."""
 
@@ -403,9 +410,10 @@ class SparseAutoencoder(nn.Module):
         x = self.rows(x)
         with torch.no_grad():
             pre = self._selection_pre_acts(x, selection_dtype)
-            chosen = self.select(pre, **context)
+            entries = self.select_entries(pre, **context) if self.ragged_code else None
+            chosen = self.select(pre, **context) if entries is None else None
         if self.ragged_code:
-            code, x_hat, levels = self._ragged_forward(x, chosen)
+            code, x_hat, levels = self._ragged_forward(x, chosen) if entries is None else self._entries_forward(x, *entries)
             if self.training and observe:
                 self.observe(code)
             return ForwardResult(x_hat, code, pre, levels)
@@ -440,6 +448,19 @@ class SparseAutoencoder(nn.Module):
         x_hat, levels = self.decode_entries(pattern, values)
         code = SparseCode(values.new_zeros(chosen.values.shape).masked_scatter(real, values), chosen.indices)
         return code, x_hat, levels
+
+    def _entries_forward(self, x: Tensor, row: Tensor, latent: Tensor, chosen_values: Tensor
+                         ) -> tuple[SparseCode, Tensor, Tensor | None]:
+        """``_ragged_forward`` for a selection given as its real entries (``select_entries``)."""
+        rows = x.shape[0]
+        if row.numel() > rows * self.cfg.d_sae * DENSE_TRAINING_ABOVE:
+            return self._ragged_forward(x, SparseCode.from_entries(rows, row, latent, chosen_values))
+        crow = torch.zeros(rows + 1, dtype=torch.long, device=x.device)
+        crow[1:] = torch.bincount(row, minlength=rows).cumsum(0)
+        pattern = SparsePattern(crow, latent, self.cfg.d_sae, rows=row)
+        values = gathered_pre_acts_csr(x, self.input_bias, self.W_enc, self.b_enc, pattern).relu()
+        x_hat, levels = self.decode_entries(pattern, values)
+        return SparseCode.from_entries(rows, row, latent, values), x_hat, levels
 
     def decode_entries(self, pattern: SparsePattern, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """x̂ of a code given as the entries of a pattern (flat ``values``), and the

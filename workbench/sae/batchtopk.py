@@ -90,19 +90,24 @@ def infer_by_threshold(sae: SparseAutoencoder, pre_acts: Tensor, k: int | None) 
     return SparseCode.from_dense(pre_acts * (pre_acts > sae.threshold))
 
 
-def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
-    """The k·B largest ReLU'd entries of the batch, as a padded code, without a dense z.
+def batch_top_k_entries(pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k·B largest ReLU'd entries of the batch as (row, latent, value), rows ascending.
 
-    One top-k over the flattened batch picks the entries, in row-major order, so they fall
-    into a row's slots by a count per row (``SparseCode.from_entries``). Building the dense z,
-    a second dense top-k to re-pack it, and a ReLU copy of the pre-activations made BatchTopK
-    train ~6× slower than TopK.
+    One top-k over the flattened batch picks the entries, in row-major order. Building the
+    dense z, a second dense top-k to re-pack it, and a ReLU copy of the pre-activations
+    made BatchTopK train ~6× slower than TopK.
     """
     rows, d_sae = pre_acts.shape
     values, flat = _flat_top_k(pre_acts.reshape(-1), min(k * rows, pre_acts.numel()))
     if not bool((values > 0).all()):  # fewer than k·B positive: the ReLU zeros are not kept
         values, flat = values[values > 0], flat[values > 0]
-    return SparseCode.from_entries(rows, flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae), values)
+    return flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae), values
+
+
+def batch_top_k(pre_acts: Tensor, k: int) -> SparseCode:
+    """``batch_top_k_entries`` as a padded code: they fall into a row's slots by a count per
+    row (``SparseCode.from_entries``)."""
+    return SparseCode.from_entries(pre_acts.shape[0], *batch_top_k_entries(pre_acts, k))
 
 
 @register("batchtopk", BatchTopKConfig)
@@ -129,6 +134,10 @@ class BatchTopKSAE(SparseAutoencoder):
     @torch.no_grad()
     def update_threshold(self, batch_min: Tensor) -> None:
         fold_into_threshold(self.threshold, self.threshold_weight, batch_min, self.cfg.threshold_ema)
+
+    def select_entries(self, pre_acts: Tensor, k: int | None = None, **context) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The training selection as entries (the trainer's forward); None at inference."""
+        return batch_top_k_entries(pre_acts, k or self.cfg.k) if self.training else None
 
     def select(self, pre_acts: Tensor, k: int | None = None, **context) -> SparseCode:
         """Training: the batch's top k·B (``k`` overrides cfg.k, for annealing). Inference:

@@ -51,10 +51,12 @@ class SparsePattern:
     weight gradients need it transposed, grouped by latent, and that sort is done once
     here and shared instead of once per product."""
 
-    def __init__(self, crow: Tensor, cols: Tensor, n_cols: int, transpose: tuple[Tensor, Tensor, Tensor] | None = None):
-        """``transpose``: the ``transpose()`` of this pattern, when the caller has it already."""
+    def __init__(self, crow: Tensor, cols: Tensor, n_cols: int, transpose: tuple[Tensor, Tensor, Tensor] | None = None,
+                 rows: Tensor | None = None):
+        """``transpose``, ``rows``: this pattern's ``transpose()`` and ``rows()``, when the
+        caller has them already."""
         self.crow, self.cols, self.n_cols = crow, cols, n_cols
-        self._transpose = transpose
+        self._transpose, self._rows = transpose, rows
 
     @classmethod
     def fixed_width(cls, indices: Tensor, n_cols: int) -> "SparsePattern":
@@ -68,7 +70,9 @@ class SparsePattern:
 
     def rows(self) -> Tensor:
         """The row of each entry."""
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.crow.device), self.crow.diff())
+        if self._rows is None:
+            self._rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.crow.device), self.crow.diff())
+        return self._rows
 
     def csr(self, values: Tensor) -> Tensor:
         """The [rows, n_cols] CSR matrix with these values (one per entry, in entry order)."""
