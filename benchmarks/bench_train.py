@@ -103,11 +103,27 @@ def _sae_kwargs(architecture: str, d_sae: int) -> dict:
             "jumprelu": JUMPRELU}.get(architecture, {})
 
 
-def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: str = "topk", lr: float | None = None):
-    from workbench.trainer import TrainConfig, train_sae
+def _our_config(architecture: str, d_sae: int, tokens: int, **settings):
+    """Our TrainConfig for a run of ``tokens`` rows at this benchmark's k and batch, on CPU
+    (``settings``: lr, selection precision), as every workbench worker and check trains."""
+    from workbench.trainer import TrainConfig
 
-    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0], lr=lr,
-                      selection_precision=precision, device="cpu", sae_kwargs=_sae_kwargs(architecture, d_sae))
+    return TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=tokens,
+                       device="cpu", sae_kwargs=_sae_kwargs(architecture, d_sae), **settings)
+
+
+def _our_trainer(architecture: str, d_sae: int, x: torch.Tensor):
+    """A fresh SAE and trainer for a whole run over ``x``, started from its first batch as
+    ``train_sae`` starts one: the interleaved checks step it themselves."""
+    from workbench.trainer.loop import new_trainer
+
+    return new_trainer(_our_config(architecture, d_sae, x.shape[0]), x[:BATCH], x[:BATCH], torch.device("cpu"))
+
+
+def _train_workbench(x: torch.Tensor, d_sae: int, precision: str, architecture: str = "topk", lr: float | None = None):
+    from workbench.trainer import train_sae
+
+    cfg = _our_config(architecture, d_sae, x.shape[0], lr=lr, selection_precision=precision)
     sae = train_sae(cfg, _batches(x), progress=False)
     _LAST["decoder"] = sae.W_dec
     if architecture in ("relu", "jumprelu"):
@@ -211,7 +227,7 @@ def interleaved(data_path: str, d_sae: int) -> dict:
     first three steps are left out as warm-up. Ratios are medians of per-batch ratios. The
     whole run (every batch of the data): a step's cost changes as training goes on (the
     first steps ran at 1.41× sparsify's speed, the last at 1.68×, at 256/2,048)."""
-    from workbench.trainer import TrainConfig, train_sae
+    from workbench.trainer import train_sae
 
     torch.manual_seed(0)
     x = torch.load(data_path)["train"]
@@ -231,8 +247,7 @@ def interleaved(data_path: str, d_sae: int) -> dict:
             drawn = time.perf_counter()
             yield batch
 
-    cfg = TrainConfig(d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0], device="cpu")
-    train_sae(cfg, stream(), progress=False)
+    train_sae(_our_config("topk", d_sae, x.shape[0]), stream(), progress=False)
     n = len(times["workbench"])  # the last batch's step has no next draw to end it
     times = {name: t[3:n] for name, t in times.items()}
     return {"library": "interleaved", "steps": len(times["workbench"]),
@@ -369,14 +384,9 @@ def interleaved_penalty(data_path: str, d_sae: int, architecture: str) -> dict:
     trainer on it. The whole run, not a few steps: the cost of a penalty SAE's step falls as
     its L0 does. Our time per step is ``SAETrainer.step``'s (what ``train_sae`` calls per
     batch), SAELens's the time between two of its draws (its whole loop)."""
-    from workbench.trainer import TrainConfig
-    from workbench.trainer.loop import new_trainer
-
     torch.manual_seed(0)
     x = torch.load(data_path)["train"]
-    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH, total_tokens=x.shape[0],
-                      device="cpu", sae_kwargs=_sae_kwargs(architecture, d_sae))
-    ours = new_trainer(cfg, x[:BATCH], x[:BATCH], torch.device("cpu"))
+    ours = _our_trainer(architecture, d_sae, x)
     times: dict[str, list[float]] = {"workbench": [], "sae_lens": []}
 
     def stream():
@@ -403,15 +413,8 @@ def interleaved_family(data_path: str, d_sae: int) -> dict:
     (``SAETrainer.step``, what ``train_sae`` calls per batch), as ``interleaved``: the
     family's target is a ratio to our own TopK, which sequential runs minutes apart on a
     drifting host cannot measure. Whole runs, as ``interleaved``."""
-    from workbench.trainer import TrainConfig
-    from workbench.trainer.loop import new_trainer
-
     x = torch.load(data_path)["train"]
-    trainers = {architecture: new_trainer(TrainConfig(architecture=architecture, d_sae=d_sae, k=K, batch_size=BATCH,
-                                                      total_tokens=x.shape[0], device="cpu",
-                                                      sae_kwargs=_sae_kwargs(architecture, d_sae)),
-                                          x[:BATCH], x[:BATCH], torch.device("cpu"))
-                for architecture in ("topk", "batchtopk", "matryoshka")}
+    trainers = {architecture: _our_trainer(architecture, d_sae, x) for architecture in ("topk", "batchtopk", "matryoshka")}
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for batch in _batches(x):
         for name, trainer in trainers.items():

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..paths import atomic_write_text
-from .sparse_ops import SparsePattern, gathered_pre_acts, gathered_pre_acts_csr, sparse_decode
+from .sparse_ops import SparsePattern, gathered_pre_acts, gathered_pre_acts_csr, row_pointers, sparse_decode
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -455,9 +455,7 @@ class SparseAutoencoder(nn.Module):
         rows = x.shape[0]
         if row.numel() > rows * self.cfg.d_sae * DENSE_TRAINING_ABOVE:
             return self._ragged_forward(x, SparseCode.from_entries(rows, row, latent, chosen_values))
-        crow = torch.zeros(rows + 1, dtype=torch.long, device=x.device)
-        crow[1:] = torch.bincount(row, minlength=rows).cumsum(0)
-        pattern = SparsePattern(crow, latent, self.cfg.d_sae, rows=row)
+        pattern = SparsePattern(row_pointers(row, rows), latent, self.cfg.d_sae, rows=row)
         values = gathered_pre_acts_csr(x, self.input_bias, self.W_enc, self.b_enc, pattern).relu()
         x_hat, levels = self.decode_entries(pattern, values)
         return SparseCode.from_entries(rows, row, latent, values), x_hat, levels

@@ -21,7 +21,7 @@ from torch import Tensor
 from .base import ForwardResult, SparseCode
 from .base import register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .sparse_ops import SparsePattern, sparse_decode
+from .sparse_ops import SparsePattern, row_pointers, sparse_decode
 
 
 @dataclasses.dataclass
@@ -73,8 +73,6 @@ class MatryoshkaSAE(BatchTopKSAE):
         # partition by level, half the cost of a sort).
         order = torch.cat([(group == level).nonzero().squeeze(1) for level in range(levels)])
         bag = group * rows + row
-        crow = torch.zeros(rows * levels + 1, dtype=torch.long, device=indices.device)
-        crow[1:] = torch.bincount(bag, minlength=rows * levels).cumsum(0)
         transpose = None
         if code_pattern is not None:
             # Grouped by latent, the bag pattern is the code's transpose with each row moved
@@ -84,7 +82,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             position = torch.empty_like(order)
             position[order] = torch.arange(order.numel(), device=order.device)  # entry → its place in the bags
             transpose = (latent_crow, bag[entry], position[entry])
-        pattern = SparsePattern(crow, indices[order], self.cfg.d_sae, transpose)
+        pattern = SparsePattern(row_pointers(bag, rows * levels), indices[order], self.cfg.d_sae, transpose)
         return sparse_decode(values[order], self.W_dec, pattern).view(levels, rows, -1)
 
     def decode_entries(self, pattern: SparsePattern, values: Tensor) -> tuple[Tensor, Tensor]:

@@ -44,6 +44,14 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
         return torch.sparse_csr_tensor(crow, cols, values, size=(crow.numel() - 1, n_cols))
 
 
+def row_pointers(row: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers [n_rows + 1] of entries whose rows are ``row`` (entry e lies in row
+    row[e]; the entries, grouped by row, then fill rows 0, 1, … in turn)."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=row.device)
+    crow[1:] = torch.bincount(row, minlength=n_rows).cumsum(0)
+    return crow
+
+
 class SparsePattern:
     """Where a sparse [rows, n_cols] matrix has entries: row ``b`` holds the latents
     cols[crow[b]:crow[b+1]] (CSR). A training step multiplies by this pattern four times
@@ -83,9 +91,7 @@ class SparsePattern:
         transpose [n_cols + 1], the row of each, the entry each one is)."""
         if self._transpose is None:
             order = stable_argsort(self.cols)  # stable: a deterministic sum order per latent
-            crow = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.cols.device)
-            crow[1:] = torch.bincount(self.cols, minlength=self.n_cols).cumsum(0)
-            self._transpose = (crow, self.rows()[order], order)
+            self._transpose = (row_pointers(self.cols, self.n_cols), self.rows()[order], order)
         return self._transpose
 
     def transposed_times(self, values: Tensor, dense: Tensor) -> Tensor:
@@ -163,8 +169,7 @@ def sparse_decode(values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tens
     """[rows, d_in]: row b's Σ values[e]·W_dec[cols[e]] over its entries e (flat, in pattern
     order), differentiated sparsely (no bias added)."""
     if values.device.type != "cpu":  # measured on CPU only; elsewhere embedding_bag's own backward
-        return torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.crow[:-1], per_sample_weights=values,
-                                                 mode="sum")
+        return pattern.times(values, W_dec)
     return _SparseDecode.apply(values, W_dec, pattern)
 
 
